@@ -1,0 +1,58 @@
+"""Stage `embed`: image, flipped-image and text embeddings of every pool shard from the scorer;
+undecodable images are quarantined and counted; gate: rows aligned, embeddings finite and unit."""
+import numpy as np
+import pandas as pd
+
+from winnow import models
+from winnow.config import Params
+from winnow.embed import embed_pool
+from winnow.io import atomic_dir, read_json, write_json
+from winnow.pool import shards
+from winnow.pool.view import Pool
+from winnow.stage import main
+from winnow.validate import Gate, expect
+
+OUT = "data/embed"
+
+
+def body(p: Params) -> dict:
+    spec = read_json("models/scorer/scorer.json")
+    model, pre, tok = models.load(spec["model"], spec["weights"])
+    pool = Pool.open("data/pool")
+    name = spec["name"]
+    with atomic_dir(OUT) as tmp:
+        per_shard = embed_pool(pool, model, pre, tok, str(tmp), name=name, batch_size=p.embed.batch_size)
+        frames = []
+        for s in pool.shards:
+            df = pd.read_parquet(tmp / f"{s}.parquet")
+            arr = shards.read_npz(str(tmp), s)
+            ok = df["image_ok"].to_numpy()
+            unit = np.ones(len(df), bool)
+            for k, v in arr.items():
+                rows = ok if k.endswith(("_img", "_img_flip")) else np.ones(len(df), bool)
+                norm = np.linalg.norm(v, axis=1)
+                unit &= ~rows | (np.isfinite(norm) & (np.abs(norm - 1) < 1e-2))
+            df["unit_norm"] = unit
+            frames.append(df)
+        df = pd.concat(frames, ignore_index=True)
+        E = expect()
+        gate = Gate("embed")
+        gate.check("embeddings", df, [
+            E.ExpectColumnValuesToBeInSet(column="unit_norm", value_set=[True]),
+            E.ExpectColumnValuesToBeInSet(column="image_ok", value_set=[True], mostly=0.8),
+            E.ExpectColumnValuesToBeBetween(column=f"{name}_score", min_value=-1.0001, max_value=1.0001),
+        ])
+        gate.check("shards", pd.DataFrame(per_shard).drop(columns=["corrupt_uids"]), [
+            E.ExpectColumnValuesToBeBetween(column="embedded", min_value=1),
+        ], id_column="shard")
+        gate.finish()
+        summary = {"shards": len(per_shard), "rows": int(len(df)), "embedded": int(df.image_ok.sum()),
+                   "corrupt_images": int(sum(r["corrupt_images"] for r in per_shard)),
+                   "missing_images": int(sum(r["missing_images"] for r in per_shard)),
+                   "keys": [f"{name}_img", f"{name}_img_flip", f"{name}_txt"], "scorer": spec}
+        write_json(tmp / "meta.json", summary | {"per_shard": per_shard})
+    return {k: v for k, v in summary.items() if isinstance(v, int)}
+
+
+if __name__ == "__main__":
+    main("embed", ["embed"], body)

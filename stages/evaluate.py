@@ -1,0 +1,38 @@
+"""Stage `evaluate`: zero-shot classification and retrieval on the suite; results.jsonl per task,
+summary.json (DVC metrics) with each main metric, group means and the average; gate: metrics in
+[0, 1] and at least one task scored (missing tasks are listed, never scored zero)."""
+import pandas as pd
+
+from winnow import models, track
+from winnow.config import Params
+from winnow.evaluate import evaluate_suite, summarize, write_summary
+from winnow.io import read_json
+from winnow.stage import main
+from winnow.tasks import load_suite
+from winnow.validate import Gate, expect
+
+OUT = "reports/eval"
+
+
+def body(p: Params) -> dict:
+    info = read_json("models/clip/info.json")
+    model, pre, tok = models.load(info["model"], info["checkpoint"])
+    rows = evaluate_suite(model, pre, tok, load_suite(p.eval.suite), p.eval.data_root,
+                          f"{OUT}/results.jsonl", batch_size=p.eval.batch_size)
+    summary = summarize(rows) | {"model": info}
+    E = expect()
+    gate = Gate("evaluate")
+    df = pd.DataFrame([{"key": r["key"], "main": r["main"], "status": r["status"]} for r in rows])
+    gate.check("results", df[df.status == "ok"] if (df.status == "ok").any() else df, [
+        E.ExpectColumnValuesToBeBetween(column="main", min_value=0.0, max_value=1.0),
+        E.ExpectColumnValuesToBeInSet(column="status", value_set=["ok"]),
+    ], id_column="key")
+    gate.finish()
+    write_summary(summary, f"{OUT}/summary.json")
+    track.log_artifact(f"{OUT}/results.jsonl")
+    return {"average": summary["average"], **{f"group.{g}": v for g, v in summary["groups"].items()},
+            **{f"task.{k}": v for k, v in summary["tasks"].items()}, "missing": len(summary["missing"])}
+
+
+if __name__ == "__main__":
+    main("evaluate", ["eval"], body)

@@ -1,0 +1,46 @@
+"""Stage `filter`: run the recipe named in params; write uids.npy, decisions.parquet and the funnel;
+gate: uids a sorted subset of the pool, subset size within the recipe's bounds."""
+import pandas as pd
+
+from winnow.config import Params
+from winnow.filters.engine import load_recipe, run, truth_metrics
+from winnow.io import write_json
+from winnow.pool import uids as U
+from winnow.pool.view import Pool
+from winnow.stage import main
+from winnow.validate import Gate, expect
+
+OUT = "data/filter"
+
+
+def body(p: Params) -> dict:
+    recipe = load_recipe(p.filter.recipe)   # validated before any data is read
+    pool = Pool.open("data/pool", embed_uri="data/embed")
+    funnel = run(recipe, pool, OUT)
+    decisions = pd.read_parquet(f"{OUT}/decisions.parquet")
+    if pool.truth_path:
+        funnel["truth"] = truth_metrics(decisions, pd.read_parquet(pool.truth_path), recipe.labels())
+    write_json("reports/filter/funnel.json", funnel)
+    subset = U.load(f"{OUT}/uids.npy")
+    pool_ids = U.hex_to_array(decisions["uid"].to_numpy())
+    in_pool = U.multiplicity(pool_ids, subset) > 0
+    E = expect()
+    gate = Gate("filter")
+    gate.check("subset", pd.DataFrame({"uid": U.array_to_hex(subset), "in_pool": in_pool}),
+               [E.ExpectColumnValuesToBeInSet(column="in_pool", value_set=[True])])
+    b = recipe.bounds
+    gate.check("size", pd.DataFrame([{"recipe": recipe.name, "kept_fraction": funnel["kept_fraction"],
+                                      "kept": funnel["kept_unique"]}]), [
+        E.ExpectColumnValuesToBeBetween(column="kept_fraction", min_value=b.min_fraction, max_value=b.max_fraction),
+        E.ExpectColumnValuesToBeBetween(column="kept", min_value=p.filter.min_kept),
+    ], id_column="recipe")
+    gate.finish()
+    metrics = {"pool_size": funnel["pool_size"], "kept": funnel["kept_unique"], "subset_size": funnel["subset_size"],
+               "kept_fraction": funnel["kept_fraction"]}
+    for s in funnel["steps"]:
+        metrics[f"kept_after.{s['step']}"] = s["kept_after"]
+    return metrics
+
+
+if __name__ == "__main__":
+    main("filter", ["filter"], body)

@@ -1,0 +1,32 @@
+"""Stage `reshard`: the subset as webdataset shards (duplicates = copies) + meta.json;
+gate: every selected uid was written as often as selected."""
+import pandas as pd
+
+from winnow.config import Params
+from winnow.pool import uids as U
+from winnow.pool.view import Pool
+from winnow.reshard import reshard
+from winnow.stage import main
+from winnow.validate import Gate, expect
+
+OUT = "data/subset"
+
+
+def body(p: Params) -> dict:
+    subset = U.load("data/filter/uids.npy")
+    meta = reshard(Pool.open("data/pool"), subset, OUT, shard_size=p.pool.shard_size)
+    E = expect()
+    gate = Gate("reshard")
+    # uids whose image never downloaded are expected on real pools (the resharder warns); most must be there
+    row = {"output_count": meta["output_count"], "output_shard_count": meta["output_shard_count"],
+           "written_fraction": meta["output_count"] / max(1, meta["input_uids"])}
+    gate.check("meta", pd.DataFrame([row]), [
+        E.ExpectColumnValuesToBeBetween(column="written_fraction", min_value=0.8, max_value=1.0),
+        E.ExpectColumnValuesToBeBetween(column="output_shard_count", min_value=1),
+    ], id_column="output_count")
+    gate.finish()
+    return {k: v for k, v in meta.items() if isinstance(v, int)}
+
+
+if __name__ == "__main__":
+    main("reshard", ["pool.shard_size"], body)

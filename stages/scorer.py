@@ -1,0 +1,62 @@
+"""Stage `scorer`: the filtering CLIP. Trained in-pipeline on trusted pairs (DFN-style) unless
+`scorer.pretrained` names weights; gate: training healthy, checkpoint loads, and it separates
+matched from mismatched held-out pairs."""
+import pandas as pd
+
+from winnow import models, track
+from winnow.config import Params
+from winnow.io import atomic_dir, local, write_json
+from winnow.pool import demo
+from winnow.scoring import scorer_quality
+from winnow.stage import main
+from winnow.train import loss_is_healthy, train_clip
+from winnow.validate import Gate, expect
+
+OUT = "models/scorer"
+
+
+def body(p: Params) -> dict:
+    s = p.scorer
+    gate = Gate("scorer")
+    E = expect()
+    metrics = {}
+    with atomic_dir(OUT) as tmp:
+        if s.pretrained is None:
+            trusted = sorted(local(s.trusted_uri).glob("*.tar"))
+            if not trusted:
+                raise models.ModelError(f"no trusted shards under {s.trusted_uri} to train the scorer on")
+            n = demo_count(trusted)
+            r = train_clip(data="::".join(map(str, trusted)), model=s.model, samples_seen=n * s.epochs,
+                           batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, wd=0.1, beta2=0.98,
+                           checkpoints=2, out_dir=tmp, seed=p.seed)
+            ok, why = loss_is_healthy(r["curve"])
+            gate.check("training", pd.DataFrame([{"run": "scorer", "healthy": ok, "why": why}]),
+                       [E.ExpectColumnValuesToBeInSet(column="healthy", value_set=[True])], id_column="why")
+            write_json(tmp / "curve.json", r["curve"])
+            track.log_curve(r["curve"], prefix="scorer")
+            weights = str(local(OUT) / "checkpoint.pt")
+            model, pre, tok = models.load(s.model, str(tmp / "checkpoint.pt"))
+            metrics.update({"final_loss": r["curve"][-1]["loss"], "steps": r["steps"]})
+        else:
+            weights = s.pretrained
+            model, pre, tok = models.load(s.model, s.pretrained)
+        quality = scorer_quality(model, pre, tok, demo.heldout_pairs(p.pool, p.seed)) if p.pool.source == "demo" else {}
+        if quality:
+            gate.check("separation", pd.DataFrame([{"model": s.model, **quality}]),
+                       [E.ExpectColumnValuesToBeBetween(column="auc_matched_vs_mismatched", min_value=s.min_auc)],
+                       id_column="model")
+        write_json(tmp / "quality.json", quality)
+        write_json(tmp / "scorer.json", {"model": s.model, "weights": weights, "name": "scorer"})
+        gate.finish()
+    return {**metrics, **{k: v for k, v in quality.items() if v is not None}}
+
+
+def demo_count(tars) -> int:
+    """Samples in the trusted shards, from their webdataset stats files."""
+    from winnow.io import read_json
+
+    return sum(read_json(str(t)[:-4] + "_stats.json")["count"] for t in tars)
+
+
+if __name__ == "__main__":
+    main("scorer", ["seed", "scorer"], body)

@@ -1,0 +1,62 @@
+"""``python -m winnow run``: the whole pipeline through ``dvc repro`` under one MLflow parent run.
+``python -m winnow check``: validate params.yaml and the recipe without running anything."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _check() -> int:
+    from winnow.config import ParamsError, load_params
+    from winnow.filters.engine import load_recipe
+    from winnow.tasks import load_suite
+
+    try:
+        p = load_params()
+        load_recipe(p.filter.recipe)
+        load_suite(p.eval.suite)
+    except (ParamsError, ValueError) as exc:
+        print(f"params.yaml: {exc}", file=sys.stderr)
+        return 2
+    print("params.yaml OK")
+    return 0
+
+
+def _run(extra: list[str]) -> int:
+    from winnow import track
+    from winnow.config import load_params
+
+    if (rc := _check()) != 0:   # a typo fails before any work
+        return rc
+    params = load_params()
+    t0 = time.time()
+    with track.pipeline_run(params) as run:
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        rc = subprocess.call(["dvc", "repro", *extra], env=env)
+        if rc != 0:
+            import mlflow
+
+            mlflow.set_tag("winnow.failed", "true")
+            print(f"\npipeline FAILED (dvc repro exit {rc}); MLflow parent run {run.info.run_id}", file=sys.stderr)
+            return rc
+    print(f"\npipeline finished in {time.time() - t0:.0f}s; MLflow parent run {run.info.run_id}")
+    print(f"report: {Path('reports/index.md').resolve()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="winnow")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("run", help="run the pipeline (dvc repro) under one MLflow parent run")
+    sub.add_parser("check", help="validate params.yaml, the recipe and the suite")
+    args, extra = ap.parse_known_args(argv)
+    return _run(extra) if args.cmd == "run" else _check()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

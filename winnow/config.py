@@ -1,0 +1,140 @@
+"""Pydantic models of params.yaml.
+
+Every section forbids unknown keys, so a typo fails before any work starts, with the nearest valid
+key suggested (``pool.num_sample`` -> "did you mean 'num_samples'?").
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a recipe) does not validate; the message names every bad key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Noise(Section):
+    mismatched: float = Field(0.12, ge=0, le=1)
+    non_english: float = Field(0.08, ge=0, le=1)
+    scene_text: float = Field(0.08, ge=0, le=1)
+    uninformative: float = Field(0.05, ge=0, le=1)
+    bad_size: float = Field(0.07, ge=0, le=1)
+    exact_duplicate: float = Field(0.03, ge=0, le=1)
+    near_duplicate: float = Field(0.03, ge=0, le=1)
+
+
+class Pool(Section):
+    source: Literal["demo", "datacomp"] = "demo"
+    uri: str = "data/pool"
+    num_samples: int = Field(4000, ge=1)
+    shard_size: int = Field(1000, ge=1)
+    trusted_samples: int = Field(2000, ge=1)
+    image_size: int = Field(64, ge=16)
+    noise: Noise = Noise()
+
+
+class Eval(Section):
+    suite: str = "demo"
+    data_root: str = "data/tasks"
+    test_samples: int = Field(400, ge=1)
+    train_samples: int = Field(400, ge=0)
+    batch_size: int = Field(128, ge=1)
+
+
+class Scorer(Section):
+    model: str = "winnow-tiny"
+    pretrained: str | None = None
+    trusted_uri: str = "data/pool/trusted"   # webdataset shards of trusted pairs (DFN-style training)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(20, ge=0)
+    min_auc: float = Field(0.75, ge=0, le=1)   # gate: matched vs mismatched separation on held-out pairs
+
+
+class Embed(Section):
+    batch_size: int = Field(256, ge=1)
+
+
+class Filter(Section):
+    recipe: str = "clip_score_top30"
+    min_kept: int = Field(1, ge=0)
+
+
+class Train(Section):
+    scale: str = "tiny"
+    seed: int = 0
+
+
+class Tracking(Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "winnow"
+
+
+class Params(Section):
+    seed: int = 0
+    pool: Pool = Pool()
+    eval: Eval = Eval()
+    scorer: Scorer = Scorer()
+    embed: Embed = Embed()
+    filter: Filter = Filter()
+    train: Train = Train()
+    tracking: Tracking = Tracking()
+
+
+def _suggest(model: type[BaseModel], loc: tuple) -> str:
+    """'did you mean …' for an unknown key, from the fields of the model that holds it."""
+    holder: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        field = holder.model_fields.get(part) if holder else None
+        ann = field.annotation if field else None
+        holder = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if holder is None:
+        return ""
+    valid = list(holder.model_fields)
+    near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    return f" ({hint}valid keys: {', '.join(valid)})"
+
+
+def validate_model(model: type[BaseModel], data: dict, source: str):
+    """Validate ``data`` against ``model``; raise ParamsError listing every problem with hints."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            where = ".".join(str(p) for p in loc)
+            if err["type"] == "extra_forbidden":
+                lines.append(f"unknown key '{where}'{_suggest(model, loc)}")
+            else:
+                lines.append(f"'{where}': {err['msg']} (got {err.get('input')!r})")
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return validate_model(Params, load_yaml(path), str(path))
+
+
+def load_scale(name: str) -> dict:
+    scales = load_yaml(CONFIGS / "scales.yaml")
+    if name not in scales:
+        raise ParamsError(f"unknown train.scale '{name}' (valid: {', '.join(scales)})")
+    return scales[name]

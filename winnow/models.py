@@ -1,0 +1,48 @@
+"""open_clip models: our configs registered from ``configs/models``, loaded from a pretrained tag,
+a local checkpoint, or randomly initialised (the in-pipeline scorer before it is trained).
+
+Offline, a pretrained tag whose weights are not cached fails at once with how to provide them.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from winnow.config import CONFIGS
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+@functools.cache
+def register_configs() -> list[str]:
+    import open_clip
+
+    open_clip.add_model_config(CONFIGS / "models")
+    return sorted(p.stem for p in (CONFIGS / "models").glob("*.json"))
+
+
+def load(model: str, pretrained: str | None = None, device: str = "cpu"):
+    """Return ``(model.eval(), preprocess, tokenizer)``. ``pretrained``: None, a tag, or a checkpoint path."""
+    import open_clip
+
+    register_configs()
+    if model not in open_clip.list_models():
+        raise ModelError(f"unknown open_clip model '{model}'; see open_clip.list_models() or add "
+                         f"a config to {CONFIGS / 'models'}")
+    if pretrained and not Path(pretrained).exists() and "://" not in pretrained:
+        tags = [t for m, t in open_clip.list_pretrained() if m == model]
+        if pretrained not in tags and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+            raise ModelError(f"checkpoint not found: {pretrained}")
+    try:
+        m, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=device, weights_only=True)
+    except RuntimeError as exc:
+        if pretrained and "ownload" in str(exc):
+            raise ModelError(
+                f"pretrained weights '{pretrained}' for {model} are not cached and this machine is offline "
+                f"(HF_HUB_OFFLINE=1). Provide them: download on a connected machine into the Hugging Face "
+                f"cache (HF_HOME) and copy it here, or set `pretrained:` to a local checkpoint path.") from None
+        raise
+    return m.eval(), preprocess, open_clip.get_tokenizer(model)

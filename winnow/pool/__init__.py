@@ -1,0 +1,1 @@
+"""The DataComp-format data layer: uids, shards, the demo world."""

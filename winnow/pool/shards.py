@@ -1,0 +1,142 @@
+"""DataComp shard I/O: discovery and per-shard readers/writers for ``{n:08d}.tar/.parquet/.npz``.
+
+A pool directory holds, per shard ``n``: ``{n:08d}.parquet`` (metadata), ``{n:08d}.npz`` (embeddings,
+row i <-> parquet row i), ``{n:08d}.tar`` (webdataset images) and ``{n:08d}_stats.json``.
+Embeddings may be float16 on disk; readers always return float32.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from winnow.io import atomic_file, local, read_json, write_json
+
+META_COLUMNS = [
+    "uid", "url", "text", "original_width", "original_height",
+    "clip_b32_similarity_score", "clip_l14_similarity_score", "face_bboxes", "sha256",
+]
+META_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("url", pa.string()), ("text", pa.string()),
+    ("original_width", pa.int64()), ("original_height", pa.int64()),
+    ("clip_b32_similarity_score", pa.float32()), ("clip_l14_similarity_score", pa.float32()),
+    ("face_bboxes", pa.list_(pa.list_(pa.float64()))), ("sha256", pa.string()),
+])
+EMBED_DIMS = {"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768}
+_STEM = re.compile(r"^\d{8}$")
+
+
+class ShardError(ValueError):
+    """A shard is missing, unreadable or inconsistent; the message names the shard."""
+
+
+def stem(n: int) -> str:
+    return f"{n:08d}"
+
+
+def discover(uri: str) -> list[str]:
+    """Shard stems (``00000000`` …) present in a pool directory, sorted, found by their parquet."""
+    root = local(uri)
+    if not root.is_dir():
+        raise ShardError(f"pool directory not found: {uri}")
+    stems = sorted(p.stem for p in root.glob("*.parquet") if _STEM.match(p.stem))
+    if not stems:
+        raise ShardError(f"no {{n:08d}}.parquet shards in {uri}")
+    return stems
+
+
+def path(uri: str, shard: str, ext: str):
+    return local(uri) / f"{shard}.{ext}" if ext != "stats" else local(uri) / f"{shard}_stats.json"
+
+
+def read_meta(uri: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+    p = path(uri, shard, "parquet")
+    try:
+        return pq.read_table(p, columns=columns)
+    except FileNotFoundError:
+        raise ShardError(f"shard {shard}: metadata {p} is missing") from None
+    except (pa.ArrowInvalid, KeyError, OSError) as exc:
+        raise ShardError(f"shard {shard}: cannot read {p}: {exc}") from None
+
+
+def write_meta(uri: str, shard: str, table: pa.Table) -> None:
+    with atomic_file(path(uri, shard, "parquet")) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_npz(uri: str, shard: str, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Embedding arrays of one shard as float32 (float16 on disk is upcast: compute in float32)."""
+    p = path(uri, shard, "npz")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            wanted = keys if keys is not None else list(z.files)
+            missing = [k for k in wanted if k not in z.files]
+            if missing:
+                raise ShardError(f"shard {shard}: {p} lacks key(s) {missing} (has {z.files})")
+            return {k: z[k].astype(np.float32) for k in wanted}
+    except FileNotFoundError:
+        raise ShardError(f"shard {shard}: embeddings {p} are missing") from None
+    except (ValueError, OSError) as exc:
+        raise ShardError(f"shard {shard}: cannot read {p}: {exc}") from None
+
+
+def write_npz(uri: str, shard: str, arrays: dict[str, np.ndarray], dtype=np.float16) -> None:
+    with atomic_file(path(uri, shard, "npz")) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v, dtype=dtype) for k, v in arrays.items()})
+
+
+def iter_tar(uri: str, shard: str) -> Iterator[dict]:
+    """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "txt": str, "json": dict}``.
+
+    Members are read in memory and never extracted, so a member named ``../x`` cannot escape.
+    """
+    import webdataset as wds
+
+    p = path(uri, shard, "tar")
+    if not p.exists():
+        raise ShardError(f"shard {shard}: images {p} are missing")
+    ds = wds.WebDataset(str(p), shardshuffle=False)
+    try:
+        for s in ds:
+            yield {
+                "__key__": s["__key__"],
+                "jpg": s.get("jpg"),
+                "txt": s["txt"].decode("utf-8") if "txt" in s else None,
+                "json": json.loads(s["json"]) if "json" in s else {},
+            }
+    except Exception as exc:  # tarfile.ReadError, truncated members, …
+        raise ShardError(f"shard {shard}: tar {p} is unreadable: {type(exc).__name__}: {exc}") from None
+
+
+def write_tar(uri: str, shard: str, samples: list[dict]) -> None:
+    """Write samples (``__key__``, ``jpg`` bytes, ``txt`` str, ``json`` dict) and the stats file."""
+    import webdataset as wds
+
+    with atomic_file(path(uri, shard, "tar")) as tmp:
+        with wds.TarWriter(str(tmp)) as sink:
+            for s in samples:
+                sink.write(s)
+    write_json(path(uri, shard, "stats"), {"count": len(samples), "successes": len(samples),
+                                           "failed_to_download": 0})
+
+
+def read_stats(uri: str, shard: str) -> dict:
+    return read_json(path(uri, shard, "stats"))
+
+
+def decode_image(data: bytes):
+    """Decode JPEG bytes to an RGB PIL image; raises ValueError on corrupt data."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except Exception as exc:
+        raise ValueError(f"corrupt image: {exc}") from None

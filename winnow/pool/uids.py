@@ -1,0 +1,91 @@
+"""DataComp uid codec: 32-hex strings <-> the resharder's sorted ``u8,u8`` structured array.
+
+The upper 64 bits go in field 0, the lower in field 1; arrays are sorted lexicographically so the
+resharder can ``searchsorted``; duplicates are kept because they mean up-sampling.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+UID_DTYPE = np.dtype("u8,u8")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+class UidError(ValueError):
+    pass
+
+
+_LUT = np.full(256, 255, dtype=np.uint8)
+_LUT[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_LUT[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_LUT[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+_SHIFTS = (4 * np.arange(15, -1, -1)).astype(np.uint64)
+_HEXCHARS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def hex_to_array(uids, sort: bool = True) -> np.ndarray:
+    """Vectorised: parse 32-hex uid strings into a ``u8,u8`` array (sorted unless told not to)."""
+    arr = np.asarray(uids, dtype=object if not isinstance(uids, np.ndarray) else None)
+    out = np.empty(len(arr), dtype=UID_DTYPE)
+    if len(arr):
+        lengths = np.fromiter((len(u) if isinstance(u, str) else -1 for u in arr), int, len(arr))
+        if (lengths != 32).any():
+            bad = arr[lengths != 32][:3].tolist()
+            raise UidError(f"{int((lengths != 32).sum())} uid(s) are not 32 hex characters, e.g. {bad}")
+        raw = np.frombuffer(arr.astype("S32").tobytes(), np.uint8).reshape(-1, 32)
+        nib = _LUT[raw]
+        if (nib == 255).any():
+            rows = np.flatnonzero((nib == 255).any(axis=1))[:3]
+            raise UidError(f"uid(s) with non-hex characters, e.g. {arr[rows].tolist()}")
+        nib = nib.astype(np.uint64)
+        out["f0"] = (nib[:, :16] << _SHIFTS).sum(axis=1, dtype=np.uint64)
+        out["f1"] = (nib[:, 16:] << _SHIFTS).sum(axis=1, dtype=np.uint64)
+    if sort:
+        out.sort()
+    return out
+
+
+def array_to_hex(arr: np.ndarray) -> np.ndarray:
+    """Vectorised inverse of :func:`hex_to_array` (order kept, duplicates kept)."""
+    halves = [(arr[f].astype(np.uint64)[:, None] >> _SHIFTS) & np.uint64(15) for f in ("f0", "f1")]
+    chars = _HEXCHARS[np.concatenate(halves, axis=1).astype(np.intp)]
+    return np.ascontiguousarray(chars).view("S32").ravel().astype(str)
+
+
+def is_valid_hex(uid: str) -> bool:
+    return bool(_HEX32.match(uid))
+
+
+def check_subset(arr: np.ndarray) -> None:
+    """Raise UidError unless ``arr`` is what the resharder accepts: ``u8,u8`` and sorted."""
+    if arr.dtype != UID_DTYPE:
+        raise UidError(f"uid array dtype is {arr.dtype}, expected {UID_DTYPE} (upper, lower 64 bits)")
+    hi, lo = arr["f0"], arr["f1"]
+    if len(arr) > 1 and not ((hi[:-1] < hi[1:]) | ((hi[:-1] == hi[1:]) & (lo[:-1] <= lo[1:]))).all():
+        raise UidError("uid array is not sorted; the resharder needs np.sort order")
+
+
+def save(path, arr: np.ndarray) -> None:
+    from winnow.io import atomic_file
+
+    check_subset(arr)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+
+
+def load(path) -> np.ndarray:
+    from winnow.io import local
+
+    arr = np.load(local(path), allow_pickle=False)
+    check_subset(arr)
+    return arr
+
+
+def multiplicity(subset: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """How many times each ``query`` uid occurs in the sorted ``subset`` (0 = not selected)."""
+    lo = np.searchsorted(subset, query, side="left")
+    hi = np.searchsorted(subset, query, side="right")
+    return hi - lo

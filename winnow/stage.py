@@ -1,0 +1,41 @@
+"""What every stage entry point shares: load and validate params, run inside an MLflow child run,
+time it, log metrics, and turn known failures into one clear message and a non-zero exit."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+from winnow.config import Params, ParamsError, load_params
+from winnow.io import write_json
+
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ParamsError,)
+
+
+def _known() -> tuple[type[BaseException], ...]:
+    from winnow.evaluate import MissingTask
+    from winnow.models import ModelError
+    from winnow.pool.shards import ShardError
+    from winnow.pool.uids import UidError
+    from winnow.train import TrainError
+    from winnow.validate import GateError
+
+    return KNOWN_ERRORS + (GateError, ShardError, UidError, ModelError, TrainError, MissingTask)
+
+
+def main(stage: str, sections: list[str], body: Callable[[Params], dict]) -> None:
+    """Run ``body(params)`` as stage ``stage``; it returns metrics (nested dicts are flattened)."""
+    from winnow import track
+
+    t0 = time.time()
+    try:
+        params = load_params()
+        with track.stage_run(stage, params, sections):
+            metrics = body(params) or {}
+            metrics["wall_s"] = round(time.time() - t0, 2)
+            track.log_metrics(metrics)
+            write_json(f"reports/timings/{stage}.json", {"stage": stage, "wall_s": metrics["wall_s"]})
+    except _known() as exc:
+        print(f"\nwinnow {stage}: FAILED — {type(exc).__name__}\n{track.scrub(str(exc))}\n", file=sys.stderr)
+        sys.exit(1)
+    print(f"winnow {stage}: done in {time.time() - t0:.1f}s", file=sys.stderr)
