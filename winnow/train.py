@@ -45,16 +45,19 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
         "--log-every-n-steps", "1", "--report-to", "",
     ]
     root = logging.getLogger()
-    before, level = list(root.handlers), root.level
+    handlers = list(root.handlers)
+    levels = {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    levels[""] = root.level
     try:
         rc = open_clip_train_main(args)
     finally:   # open_clip_train adds root handlers and sets every logger to INFO on each call
-        for h in root.handlers[len(before):]:
+        for h in root.handlers[len(handlers):]:
             root.removeHandler(h)
             h.close()
-        root.setLevel(level)
-        for name in ("torch", "torch._dynamo", "torch._subclasses"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for name, lg in logging.root.manager.loggerDict.items():
+            if isinstance(lg, logging.Logger):
+                lg.setLevel(levels.get(name, logging.NOTSET))
+        root.setLevel(levels[""])
     if rc not in (None, 0):
         raise TrainError(f"open_clip_train exited with {rc}; see {logs / 'run' / 'out.log'}")
     ckpt = logs / "run" / "checkpoints" / "epoch_latest.pt"

@@ -5,6 +5,7 @@ failure raises GateError naming the rule, the count and example rows, so nothing
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -36,8 +37,12 @@ class Gate:
     def check(self, name: str, df: pd.DataFrame, expectations: list, id_column: str | None = "uid") -> None:
         """Validate ``df`` (named ``name`` in messages) against GE expectation objects."""
         import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
         ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         bd = (ctx.data_sources.add_pandas("pd").add_dataframe_asset(name)
               .add_batch_definition_whole_dataframe("whole"))
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"{self.stage}.{name}"))
