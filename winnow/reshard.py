@@ -40,7 +40,7 @@ def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000) -
                     if sink is None or counts[-1] >= shard_size:
                         if sink is not None:
                             sink.close()
-                        sink = wds.TarWriter(str(tmp / f"{len(counts):08d}.tar"))
+                        sink = wds.TarWriter(str(tmp / f"{len(counts):08d}.tar"), mtime=shards.FIXED_MTIME)
                         counts.append(0)
                     sink.write({"__key__": f"{uid}-{j}", "jpg": s["jpg"], "txt": s["txt"], "json": s["json"]})
                     counts[-1] += 1

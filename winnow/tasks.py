@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from winnow.config import CONFIGS, load_yaml, validate_model
 from winnow.io import atomic_dir, atomic_file, local, write_json
-from winnow.pool import world
+from winnow.pool import shards, world
 from winnow.pool.world import Scene
 
 
@@ -97,7 +97,7 @@ def generate_task(task: Task, root: str, seed: int, n_test: int, n_train: int) -
             import webdataset as wds
 
             with atomic_file(split_dir / "0.tar") as t:
-                with wds.TarWriter(str(t)) as sink:
+                with wds.TarWriter(str(t), mtime=shards.FIXED_MTIME) as sink:
                     for s in samples:
                         sink.write(s)
             (split_dir / "nshards.txt").write_text("1\n")

@@ -34,8 +34,9 @@ class Gate:
     report_dir: str = "reports/validation"
     checks: list[dict] = field(default_factory=list)
 
-    def check(self, name: str, df: pd.DataFrame, expectations: list, id_column: str | None = "uid") -> None:
-        """Validate ``df`` (named ``name`` in messages) against GE expectation objects."""
+    def check(self, name: str, df: pd.DataFrame, expectations: list, id_column: str | list[str] | None = "uid") -> None:
+        """Validate ``df`` (named ``name`` in messages) against GE expectation objects; ``id_column``
+        names the column(s) shown with each failing example row."""
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -50,8 +51,9 @@ class Gate:
             suite.add_expectation(e)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{self.stage}.{name}", data=bd, suite=suite))
         fmt = {"result_format": "COMPLETE"}
-        if id_column and id_column in df.columns:
-            fmt["unexpected_index_column_names"] = [id_column]
+        ids = [c for c in ([id_column] if isinstance(id_column, str) else id_column or []) if c in df.columns]
+        if ids:
+            fmt["unexpected_index_column_names"] = ids
         res = vd.run(batch_parameters={"dataframe": df}, result_format=fmt)
         for r in res.results:
             d = r.to_json_dict()

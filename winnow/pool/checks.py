@@ -69,7 +69,7 @@ def check_pool(pool: Pool, gate: Gate, min_image_fraction: float = 0.8) -> dict:
         E.ExpectColumnValuesToBeBetween(column="parquet_rows", min_value=1),
         E.ExpectColumnPairValuesToBeEqual(column_A="parquet_rows", column_B="npz_rows"),
         E.ExpectColumnValuesToBeInSet(column="tar_readable", value_set=[True]),
-    ], id_column="shard")
+    ], id_column=["shard", "tar_error"])
     rules = [
         E.ExpectColumnValuesToNotBeNull(column="uid"),
         E.ExpectColumnValuesToMatchRegex(column="uid", regex=r"^[0-9a-f]{32}$"),

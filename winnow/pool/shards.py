@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import tarfile
 from typing import Iterator
 
 import numpy as np
@@ -29,6 +30,7 @@ META_SCHEMA = pa.schema([
 ])
 EMBED_DIMS = {"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768}
 _STEM = re.compile(r"^\d{8}$")
+FIXED_MTIME = 1_700_000_000.0   # reproducible tar bytes
 
 
 class ShardError(ValueError):
@@ -91,35 +93,63 @@ def write_npz(uri: str, shard: str, arrays: dict[str, np.ndarray], dtype=np.floa
             np.savez(fh, **{k: np.asarray(v, dtype=dtype) for k, v in arrays.items()})
 
 
+def _sample(members: dict) -> dict:
+    return {
+        "__key__": members["__key__"],
+        "jpg": members.get("jpg") or members.get("jpeg") or members.get("png") or members.get("webp"),
+        "txt": members["txt"].decode("utf-8", errors="replace") if "txt" in members else None,
+        "json": json.loads(members["json"]) if "json" in members else {},
+    }
+
+
 def iter_tar(uri: str, shard: str) -> Iterator[dict]:
     """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "txt": str, "json": dict}``.
 
-    Members are read in memory and never extracted, so a member named ``../x`` cannot escape.
+    Members are grouped by key (name up to the first dot) and read in memory, never extracted, so
+    a member named ``../x`` or ``/x`` cannot write anywhere. A truncated or corrupt tar raises
+    ShardError naming the shard: tarfile itself ends quietly at a cut-off header, so the archive's
+    end-of-file blocks are checked too.
     """
-    import webdataset as wds
-
     p = path(uri, shard, "tar")
     if not p.exists():
         raise ShardError(f"shard {shard}: images {p} are missing")
-    ds = wds.WebDataset(str(p), shardshuffle=False)
+    end = 0
     try:
-        for s in ds:
-            yield {
-                "__key__": s["__key__"],
-                "jpg": s.get("jpg"),
-                "txt": s["txt"].decode("utf-8") if "txt" in s else None,
-                "json": json.loads(s["json"]) if "json" in s else {},
-            }
-    except Exception as exc:  # tarfile.ReadError, truncated members, …
+        with tarfile.open(p, "r:") as tf:
+            current: dict = {}
+            for m in tf:
+                if not m.isreg():
+                    continue
+                data = tf.extractfile(m).read()
+                if len(data) != m.size:
+                    raise ShardError(f"shard {shard}: tar {p} is truncated inside member {m.name!r}")
+                end = m.offset_data + -(-m.size // 512) * 512
+                folder, _, base = m.name.rpartition("/")
+                key, _, ext = base.partition(".")
+                key = f"{folder}/{key}" if folder else key
+                if current and key != current["__key__"]:
+                    yield _sample(current)
+                    current = {}
+                current.setdefault("__key__", key)
+                current[ext] = data
+            if current:
+                yield _sample(current)
+    except (tarfile.TarError, OSError, json.JSONDecodeError) as exc:
         raise ShardError(f"shard {shard}: tar {p} is unreadable: {type(exc).__name__}: {exc}") from None
+    with open(p, "rb") as fh:   # a complete tar ends with at least two zero blocks
+        fh.seek(end)
+        tail = fh.read()
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise ShardError(f"shard {shard}: tar {p} is truncated (no end-of-archive marker after byte {end})")
 
 
 def write_tar(uri: str, shard: str, samples: list[dict]) -> None:
-    """Write samples (``__key__``, ``jpg`` bytes, ``txt`` str, ``json`` dict) and the stats file."""
+    """Write samples (``__key__``, ``jpg`` bytes, ``txt`` str, ``json`` dict) and the stats file.
+    A fixed mtime keeps the bytes identical for identical content."""
     import webdataset as wds
 
     with atomic_file(path(uri, shard, "tar")) as tmp:
-        with wds.TarWriter(str(tmp)) as sink:
+        with wds.TarWriter(str(tmp), mtime=FIXED_MTIME) as sink:
             for s in samples:
                 sink.write(s)
     write_json(path(uri, shard, "stats"), {"count": len(samples), "successes": len(samples),

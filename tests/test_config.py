@@ -1,0 +1,61 @@
+import pytest
+import yaml
+
+from winnow.config import ParamsError, load_params
+from winnow.filters.engine import load_recipe
+
+
+def write(tmp_path, data):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_repo_params_are_valid():
+    from winnow.config import ROOT
+
+    p = load_params(ROOT / "params.yaml")
+    load_recipe(p.filter.recipe)
+
+
+def test_typo_suggests_nearest_key(tmp_path):
+    with pytest.raises(ParamsError) as e:
+        load_params(write(tmp_path, {"pool": {"num_sample": 10}}))
+    msg = str(e.value)
+    assert "pool.num_sample" in msg and "did you mean 'num_samples'" in msg
+
+
+def test_top_level_typo(tmp_path):
+    with pytest.raises(ParamsError, match="did you mean 'filter'"):
+        load_params(write(tmp_path, {"filtr": {"recipe": "basic"}}))
+
+
+def test_bad_value_named(tmp_path):
+    with pytest.raises(ParamsError, match="pool.shard_size"):
+        load_params(write(tmp_path, {"pool": {"shard_size": 0}}))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(yaml.YAMLError):
+        load_params(p)
+
+
+def test_unknown_recipe_lists_choices():
+    with pytest.raises(ParamsError) as e:
+        load_recipe("clip_scor_top30")
+    assert "clip_score_top30" in str(e.value) and "basic" in str(e.value)
+
+
+def test_unknown_step_and_field(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"name": "x", "steps": [{"step": "languge"}]}))
+    with pytest.raises(ParamsError, match="did you mean 'language'"):
+        load_recipe(str(r))
+    r.write_text(yaml.safe_dump({"name": "x", "steps": [{"step": "image_size", "min_sid": 3}]}))
+    with pytest.raises(ParamsError, match="did you mean 'min_side'"):
+        load_recipe(str(r))
+    r.write_text(yaml.safe_dump({"name": "x", "steps": [{"step": "clip_score", "score": "s"}]}))
+    with pytest.raises(ParamsError, match="threshold' or 'fraction"):
+        load_recipe(str(r))

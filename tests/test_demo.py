@@ -1,0 +1,78 @@
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from winnow.config import Pool
+from winnow.pool import demo, shards
+from winnow.pool.world import Scene, render
+
+
+def test_layout_is_datacomp(demo_pool):
+    stems = shards.discover(str(demo_pool))
+    assert stems == ["00000000", "00000001", "00000002"]
+    for s in stems:
+        for ext in ("tar", "parquet", "npz", "stats"):
+            assert shards.path(str(demo_pool), s, ext).exists()
+    t = pq.read_table(demo_pool / "00000000.parquet")
+    assert t.column_names == shards.META_COLUMNS
+    z = shards.read_npz(str(demo_pool), "00000000")
+    assert {k: v.shape[1] for k, v in z.items()} == shards.EMBED_DIMS
+    assert all(len(v) == t.num_rows for v in z.values())
+    for v in z.values():
+        np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1, atol=1e-2)
+
+
+def test_metadata_is_consistent(demo_pool):
+    meta = pd.concat([shards.read_meta(str(demo_pool), s).to_pandas() for s in shards.discover(str(demo_pool))])
+    assert meta.uid.is_unique and meta.uid.str.fullmatch(r"[0-9a-f]{32}").all()
+    assert (meta.uid == [demo.uid_of(u, t) for u, t in zip(meta.url, meta.text)]).all()
+    # the score column is the cosine of the npz features
+    z = shards.read_npz(str(demo_pool), "00000000")
+    m0 = meta.iloc[:200]
+    np.testing.assert_allclose(np.einsum("nd,nd->n", z["b32_img"], z["b32_txt"]), m0.clip_b32_similarity_score, atol=1e-5)
+    images = {s["json"]["uid"]: s["jpg"] for sh in shards.discover(str(demo_pool)) for s in shards.iter_tar(str(demo_pool), sh)}
+    assert set(images) == set(meta.uid)
+    assert all(hashlib.sha256(images[u]).hexdigest() == h for u, h in zip(meta.uid, meta.sha256))
+
+
+def test_noise_kinds_labelled_and_realistic(demo_pool):
+    truth = pd.read_parquet(demo_pool / "truth.parquet")
+    meta = pd.concat([shards.read_meta(str(demo_pool), s).to_pandas() for s in shards.discover(str(demo_pool))])
+    df = meta.merge(truth, on="uid")
+    assert len(df) == 600 and set(df.kind) == set(demo.NOISE_KINDS)
+    side = np.minimum(df.original_width, df.original_height)
+    aspect = np.maximum(df.original_width, df.original_height) / side
+    bad = (side < 200) | (aspect > 3)
+    assert bad[df.kind == "bad_size"].all() and not bad[df.kind == "clean"].any()
+    exact = df[df.kind == "exact_duplicate"]
+    src = df.set_index("uid").loc[exact.duplicate_of]
+    assert (exact.sha256.to_numpy() == src.sha256.to_numpy()).all()
+    near = df[df.kind == "near_duplicate"]
+    assert (near.sha256.to_numpy() != df.set_index("uid").loc[near.duplicate_of].sha256.to_numpy()).all()
+    assert (df[df.kind == "non_english"].lang != "en").all()
+    st = df[df.kind == "scene_text"]
+    assert (st.text.str.lower().str.strip("!").str.split().str[0] == st.scene_text).all()
+    # OpenAI-CLIP-like: scene text scores high, mismatched low
+    means = df.groupby("kind").clip_b32_similarity_score.mean()
+    assert means["scene_text"] > means["clean"] > means["mismatched"]
+
+
+def test_generation_is_deterministic(tmp_path):
+    cfg = Pool(num_samples=80, shard_size=40, trusted_samples=20)
+    a = demo.write_pool(cfg, 3, str(tmp_path / "a"))
+    b = demo.write_pool(cfg, 3, str(tmp_path / "b"))
+    assert a == b
+    for name in ("00000000.parquet", "00000001.tar", "00000001.npz", "truth.parquet", "trusted/00000000.tar"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    c = demo.write_pool(cfg, 4, str(tmp_path / "c"))
+    assert (tmp_path / "a" / "00000000.parquet").read_bytes() != (tmp_path / "c" / "00000000.parquet").read_bytes()
+    assert c["num_samples"] == 80
+
+
+def test_render_draws_what_the_scene_says():
+    rng = np.random.default_rng(0)
+    img = np.asarray(render(Scene("square", "red", 1, "large", "white"), rng))
+    red = (img[..., 0] > 180) & (img[..., 1] < 90) & (img[..., 2] < 90)
+    assert red.mean() > 0.05

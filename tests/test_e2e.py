@@ -1,0 +1,109 @@
+"""End to end on a tiny demo in a throwaway git repo: `winnow run` (dvc repro under an MLflow
+parent run), DVC caching, partial re-runs, and the same DAG as a Prefect flow."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import MICRO_PARAMS, dvc, env_for_subprocess, make_project
+
+pytestmark = pytest.mark.slow
+STAGES = ["pool", "tasks", "scorer", "embed", "filter", "reshard", "train", "evaluate", "report"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    proj = make_project(tmp_path_factory.mktemp("e2e"), MICRO_PARAMS)
+    proc = subprocess.run([sys.executable, "-m", "winnow", "run"], cwd=proj, env=env_for_subprocess(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "report: " in proc.stdout
+    return proj
+
+
+def ran(proc) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in proc.stdout]
+
+
+def test_outputs_exist_and_pass_gates(project):
+    from winnow.pool import uids as U
+
+    for stage in STAGES:
+        v = json.loads((project / f"reports/validation/{stage}.json").read_text())
+        assert v["success"] and v["rules"] >= 1, stage
+    subset = U.load(project / "data/filter/uids.npy")
+    funnel = json.loads((project / "reports/filter/funnel.json").read_text())
+    assert len(subset) == funnel["subset_size"] == funnel["kept_unique"]
+    assert 0.25 <= funnel["kept_fraction"] <= 0.35
+    assert set(funnel["truth"]["recipe"]) >= {"clean", "mismatched", "scene_text"}
+    meta = json.loads((project / "data/subset/meta.json").read_text())
+    assert meta["output_count"] == len(subset)
+    emb = np.load(project / "data/embed/00000000.npz")
+    assert {"scorer_img", "scorer_img_flip", "scorer_txt"} <= set(emb.files)
+    summary = json.loads((project / "reports/eval/summary.json").read_text())
+    assert set(summary["tasks"]) == {"shapes", "shapes_outline", "counting", "retrieval"}
+    assert summary["missing"] == [] and 0 <= summary["average"] <= 1
+    rows = [json.loads(x) for x in (project / "reports/eval/results.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["shapes", "shapes_outline", "counting", "retrieval"]
+    report = (project / "reports/index.md").read_text()
+    assert "## Funnel" in report and "mismatched" in report and "average" in report
+    metrics = dvc(project, "metrics", "show", "--json", check=True)
+    assert "average" in metrics.stdout
+
+
+def test_mlflow_has_one_parent_with_a_child_per_stage(project):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("winnow-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("winnow.kind") == "pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["winnow.stage"] for r in children) == sorted(STAGES)
+    by_stage = {r.data.tags["winnow.stage"]: r for r in children}
+    assert "average" in by_stage["evaluate"].data.metrics
+    assert "kept_fraction" in by_stage["filter"].data.metrics
+    assert len(client.get_metric_history(by_stage["train"].info.run_id, "train.loss")) >= 2
+
+
+def test_second_repro_runs_nothing(project):
+    proc = dvc(project, "repro", check=True)
+    assert ran(proc) == []
+
+
+def test_filter_change_reruns_only_downstream(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["filter"]["recipe"] = "basic"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = dvc(project, "repro", check=True)
+    assert ran(proc) == ["filter", "reshard", "train", "evaluate", "report"]
+    funnel = json.loads((project / "reports/filter/funnel.json").read_text())
+    assert funnel["recipe"] == "basic" and [s["step"] for s in funnel["steps"]] == ["language", "caption_length", "image_size"]
+
+
+def test_prefect_flow_runs_one_task_per_stage(project, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import pipeline
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["filter"]["recipe"] = "no_filter"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PATH", env_for_subprocess()["PATH"])
+    state = pipeline(return_state=True)
+    assert state.is_completed(), state
+    results = state.result()
+    assert list(results) == STAGES
+    assert results["pool"] == "skipped" and results["filter"] == "ran"
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        assert sorted(r.name for r in runs) == sorted(STAGES)
+        assert all(r.state.is_completed() for r in runs)
+        artifacts = client.read_artifacts()
+        assert {"funnel", "eval-summary"} <= {a.key for a in artifacts}
