@@ -9,13 +9,12 @@ export HF_HUB_OFFLINE := 1
 export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_LOGGING_LEVEL ?= WARNING
 
 .PHONY: run test test-fast flow check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[dev]"
+	set -o pipefail; $(PY) -m pip install -q -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	$(PY) -m pip check
 	touch $(STAMP)
 
@@ -29,10 +28,10 @@ check: $(STAMP)
 	$(PY) -m winnow check
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf data models reports/eval reports/filter reports/validation reports/timings reports/index.md mlflow.db
