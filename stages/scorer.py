@@ -5,7 +5,7 @@ import pandas as pd
 
 from winnow import models, track
 from winnow.config import Params
-from winnow.io import atomic_dir, local, write_json
+from winnow.io import atomic_dir, local, read_json, write_json
 from winnow.pool import demo
 from winnow.scoring import scorer_quality
 from winnow.stage import main
@@ -25,7 +25,7 @@ def body(p: Params) -> dict:
             trusted = sorted(local(s.trusted_uri).glob("*.tar"))
             if not trusted:
                 raise models.ModelError(f"no trusted shards under {s.trusted_uri} to train the scorer on")
-            n = demo_count(trusted)
+            n = sum(read_json(str(t)[:-4] + "_stats.json")["count"] for t in trusted)
             r = train_clip(data="::".join(map(str, trusted)), model=s.model, samples_seen=n * s.epochs,
                            batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, wd=0.1, beta2=0.98,
                            checkpoints=2, out_dir=tmp, seed=p.seed)
@@ -49,13 +49,6 @@ def body(p: Params) -> dict:
         write_json(tmp / "scorer.json", {"model": s.model, "weights": weights, "name": "scorer"})
         gate.finish()
     return {**metrics, **{k: v for k, v in quality.items() if v is not None}}
-
-
-def demo_count(tars) -> int:
-    """Samples in the trusted shards, from their webdataset stats files."""
-    from winnow.io import read_json
-
-    return sum(read_json(str(t)[:-4] + "_stats.json")["count"] for t in tars)
 
 
 if __name__ == "__main__":
