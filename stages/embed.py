@@ -5,11 +5,12 @@ import pandas as pd
 
 from winnow import models
 from winnow.config import Params
-from winnow.embed import embed_pool
+from winnow.embed import embed_pool, embed_targets
 from winnow.io import atomic_dir, read_json, write_json
 from winnow.pool import shards
 from winnow.pool.view import Pool
 from winnow.stage import main
+from winnow.tasks import load_suite
 from winnow.validate import Gate, expect
 
 OUT = "data/embed"
@@ -22,6 +23,8 @@ def body(p: Params) -> dict:
     name = spec["name"]
     with atomic_dir(OUT) as tmp:
         per_shard = embed_pool(pool, model, pre, tok, str(tmp), name=name, batch_size=p.embed.batch_size)
+        targets = embed_targets(load_suite(p.eval.suite), p.eval.data_root, model, pre, tok, str(tmp),
+                                batch_size=p.embed.batch_size)
         frames = []
         for s in pool.shards:
             df = pd.read_parquet(tmp / f"{s}.parquet")
@@ -49,10 +52,11 @@ def body(p: Params) -> dict:
         summary = {"shards": len(per_shard), "rows": int(len(df)), "embedded": int(df.image_ok.sum()),
                    "corrupt_images": int(sum(r["corrupt_images"] for r in per_shard)),
                    "missing_images": int(sum(r["missing_images"] for r in per_shard)),
-                   "keys": [f"{name}_img", f"{name}_img_flip", f"{name}_txt"], "scorer": spec}
+                   "keys": [f"{name}_img", f"{name}_img_flip", f"{name}_txt"], "scorer": spec,
+                   "targets": targets}
         write_json(tmp / "meta.json", summary | {"per_shard": per_shard})
     return {k: v for k, v in summary.items() if isinstance(v, int)}
 
 
 if __name__ == "__main__":
-    main("embed", ["embed"], body)
+    main("embed", ["embed", "eval.suite", "eval.data_root"], body)

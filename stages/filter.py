@@ -14,7 +14,7 @@ OUT = "data/filter"
 
 
 def body(p: Params) -> dict:
-    recipe = load_recipe(p.filter.recipe)   # validated before any data is read
+    recipe = load_recipe(p.filter.recipe, p.filter.overrides)   # validated before any data is read
     pool = Pool.open("data/pool", embed_uri="data/embed")
     funnel = run(recipe, pool, OUT)
     decisions = pd.read_parquet(f"{OUT}/decisions.parquet")

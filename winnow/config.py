@@ -69,6 +69,7 @@ class Embed(Section):
 
 class Filter(Section):
     recipe: str = "clip_score_top30"
+    overrides: dict[str, dict] = {}   # {step label: {field: value}}, e.g. {clip_score: {fraction: 0.2}}
     min_kept: int = Field(1, ge=0)
 
 

@@ -79,3 +79,45 @@ def embed_pool(pool: Pool, model, preprocess, tokenizer, out: str, name: str = "
                batch_size: int = 256) -> list[dict]:
     return [embed_shard(pool, s, model, preprocess, tokenizer, out, name, batch_size)
             for s in tqdm(pool.shards, desc="embed shards", unit="shard")]
+
+
+def embed_targets(suite, data_root: str, model, preprocess, tokenizer, out: str, batch_size: int = 256) -> dict:
+    """Embeddings of downstream-task data usable for distribution alignment (DataComp allows task
+    *training* data, class names and templates, never test images): ``img:<task>`` for each task's
+    train split images, ``txt:<task>`` for class names x templates (mean per class) or the train
+    split's captions. Written to ``<out>/targets.npz``."""
+    from winnow.evaluate import MissingTask, _load
+    from winnow.io import local
+
+    arrays, counts = {}, {}
+    for task in suite.tasks:
+        task_dir = local(data_root) / task.key
+        label = "cls" if task.type == "zeroshot_classification" else "txt"
+        try:
+            items = list(_load(task_dir, label, split="train"))
+        except MissingTask:
+            items = []
+        if items:
+            imgs = [im for im, _ in items]
+            arrays[f"img:{task.key}"] = _encode(model, model.encode_image, (
+                torch.stack([preprocess(im) for im in imgs[i: i + batch_size]]) for i in range(0, len(imgs), batch_size)))
+        prompts: list[list[str]] = []
+        classes = task_dir / "classnames.txt"
+        if classes.exists():
+            names = [c.strip() for c in classes.read_text(encoding="utf-8").splitlines() if c.strip()]
+            templates = [t.strip() for t in (task_dir / "zeroshot_classification_templates.txt")
+                         .read_text(encoding="utf-8").splitlines() if t.strip()]
+            prompts = [[t.format(c=c) for t in templates] for c in names]
+        elif items:
+            prompts = [[c] for _, txt in items for c in (txt if isinstance(txt, str) else txt.decode()).split("\n") if c]
+        if prompts:
+            flat = [p for group in prompts for p in group]
+            e = _encode(model, model.encode_text, (tokenizer(flat[i: i + batch_size]) for i in range(0, len(flat), batch_size)))
+            bounds = np.cumsum([0] + [len(g) for g in prompts])
+            means = np.stack([e[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+            arrays[f"txt:{task.key}"] = means / np.linalg.norm(means, axis=1, keepdims=True)
+        counts[task.key] = {k.split(":")[0]: len(v) for k, v in arrays.items() if k.endswith(f":{task.key}")}
+    with atomic_file(local(out) / "targets.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k: v.astype(np.float16) for k, v in arrays.items()})
+    return counts

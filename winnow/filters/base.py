@@ -2,9 +2,11 @@
 
 A step is a pydantic model (its fields are the recipe parameters, validated before any data is
 read). Per-sample steps implement ``keep(batch) -> bool mask`` vectorised over one shard. Global
-steps first see the whole pool in ``fit(pool)`` (e.g. an exact top-fraction threshold), which
-keeps only small global state, then decide per shard like any other step. Steps that up-sample
-return integer multiplicities instead of a bool mask.
+steps (``is_global``) first see the whole pool in ``fit(pool, alive)`` — ``alive(shard)`` is the
+mask of samples that survived the earlier steps — and keep only small state (a threshold,
+centroids, target embeddings), then decide per shard like any other step. Steps that up-sample
+return integer multiplicities instead of a bool mask. ``explain(batch)`` returns the scores a
+step decided on, recorded in decisions.parquet.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ REGISTRY: dict[str, type["Step"]] = {}
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: ClassVar[str]              # registry name used in recipes (`step: <kind>`)
+    is_global: ClassVar[bool] = False
     name: str | None = None          # label in the funnel; defaults to the kind
 
     def label(self) -> str:
@@ -31,8 +34,16 @@ class Step(BaseModel):
         """(metadata/score columns, embedding keys) this step reads — checked before any work."""
         return [], []
 
-    def fit(self, pool) -> None:
-        """Global steps: compute state over the whole pool (one shard at a time)."""
+    def needs_fit(self) -> bool:
+        return self.is_global
+
+    def fit(self, pool, alive) -> None:
+        """Global steps: compute state over the pool, one shard at a time; ``alive(shard)`` is the
+        bool mask of that shard's samples kept by the steps before this one."""
+
+    def explain(self, batch) -> dict[str, np.ndarray]:
+        """Per-sample scores this step decided on (recorded in decisions.parquet)."""
+        return {}
 
     def keep(self, batch) -> np.ndarray:
         raise NotImplementedError

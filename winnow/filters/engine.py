@@ -37,26 +37,40 @@ class Recipe(BaseModel):
     steps: list[Step] = []
 
     def labels(self) -> list[str]:
-        seen: dict[str, int] = {}
-        out = []
-        for s in self.steps:
-            lab = s.label()
-            seen[lab] = seen.get(lab, 0) + 1
-            out.append(lab if seen[lab] == 1 else f"{lab}#{seen[lab]}")
-        return out
+        return _labels([s.label() for s in self.steps])
+
+
+def _labels(names: list[str]) -> list[str]:
+    """Step labels: the name (or kind), with #2, #3 … for repeats."""
+    seen: dict[str, int] = {}
+    out = []
+    for lab in names:
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab}#{seen[lab]}")
+    return out
 
 
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in (CONFIGS / "recipes").glob("*.yaml"))
 
 
-def load_recipe(name: str) -> Recipe:
-    """A named recipe from configs/recipes, or a path to a recipe YAML; validated before any data is read."""
+def load_recipe(name: str, overrides: dict | None = None) -> Recipe:
+    """A named recipe from configs/recipes, or a path to a recipe YAML, with per-step parameter
+    overrides ``{step label: {field: value}}`` (params.yaml ``filter.overrides``); validated before
+    any data is read."""
     p = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / "recipes" / f"{name}.yaml"
     if not p.exists():
         raise ParamsError(f"unknown filter.recipe '{name}' (valid: {', '.join(recipe_names())})")
     raw = load_yaml(p)
-    steps = [build_step(s, f"{p.name} steps[{i}]") for i, s in enumerate(raw.pop("steps", None) or [])]
+    specs = [dict(s or {}) for s in raw.pop("steps", None) or []]
+    labels = _labels([s.get("name") or s.get("step") for s in specs])
+    for lab, fields in (overrides or {}).items():
+        if lab not in labels:
+            raise ParamsError(f"filter.overrides: recipe '{name}' has no step '{lab}' (steps: {', '.join(labels)})")
+        if not isinstance(fields, dict):
+            raise ParamsError(f"filter.overrides.{lab} must map field names to values")
+        specs[labels.index(lab)].update(fields)
+    steps = [build_step(s, f"{p.name} steps[{i}] ({labels[i]})") for i, s in enumerate(specs)]
     recipe = validate_model(Recipe, raw | {"steps": []}, str(p))
     recipe.steps = steps
     return recipe
@@ -79,52 +93,86 @@ def check_requirements(recipe: Recipe, pool: Pool) -> None:
         raise ParamsError(f"recipe '{recipe.name}' cannot run on this pool:\n  " + "\n  ".join(problems))
 
 
-def decide_shard(recipe: Recipe, pool: Pool, shard: str) -> pd.DataFrame:
-    """Per-sample decisions of one shard: each step's verdict, who dropped it, multiplicity."""
+def _verdicts(steps: list[Step], pool: Pool, shard: str) -> list[np.ndarray]:
+    """Each step's verdict on every sample of one shard (bool keep, or int multiplicity)."""
     batch = pool.batch(shard)
-    n = len(batch)
-    out = {"uid": batch.column("uid"), "shard": np.full(n, shard)}
-    alive = np.ones(n, bool)
-    dropped_by = np.full(n, None, dtype=object)
-    mult = np.ones(n, np.int64)
+    out = []
+    for step in steps:
+        v = np.asarray(step.keep(batch))
+        if v.shape != (len(batch),):
+            raise RuntimeError(f"step '{step.label()}' returned shape {v.shape} for {len(batch)} samples in {shard}")
+        out.append(v)
+    return out
+
+
+def _explain(recipe: Recipe, pool: Pool, shard: str) -> dict[str, np.ndarray]:
+    batch = pool.batch(shard)
+    cols = {"uid": batch.column("uid")}
     for lab, step in zip(recipe.labels(), recipe.steps):
-        verdict = np.asarray(step.keep(batch))
-        if verdict.shape != (n,):
-            raise RuntimeError(f"step '{lab}' returned shape {verdict.shape} for {n} samples")
-        keep = verdict > 0
-        out[f"keep:{lab}"] = keep
-        if verdict.dtype != bool:   # an up-sampling step: integer multiplicities
-            mult = np.where(keep, mult * verdict.astype(np.int64), mult)
-        dropped_by[alive & ~keep] = lab
-        alive &= keep
-    out["dropped_by"] = dropped_by
-    out["multiplicity"] = np.where(alive, mult, 0)
-    return pd.DataFrame(out)
+        for k, v in step.explain(batch).items():
+            cols[f"{k}:{lab}"] = np.asarray(v)
+    return cols
 
 
 def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", workers: int = 1) -> dict:
-    """Fit global steps, decide every shard, write uids.npy + decisions.parquet. Returns the funnel."""
+    """Decide every sample, step by step, and write uids.npy + decisions.parquet. Returns the funnel.
+
+    Consecutive per-sample steps share one pass over the shards; a global step first fits on the
+    survivors of the steps before it. Only per-shard verdict arrays (bytes per sample) are kept.
+    """
     check_requirements(recipe, pool)
-    for step in recipe.steps:
-        step.fit(pool)
+    labels, steps = recipe.labels(), recipe.steps
+    verdicts: dict[str, list[np.ndarray]] = {s: [] for s in pool.shards}
+
+    def alive(shard: str, upto: int | None = None) -> np.ndarray:
+        vs = verdicts[shard][:upto]
+        n = len(vs[0]) if vs else len(pool.batch(shard))
+        m = np.ones(n, bool)
+        for v in vs:
+            m &= v > 0
+        return m
+
+    i = 0
+    while i < len(steps):
+        if steps[i].needs_fit():
+            steps[i].fit(pool, alive)
+        j = i + 1
+        while j < len(steps) and not steps[j].needs_fit():
+            j += 1
+        group = steps[i:j]
+        args = [(group, pool, s) for s in pool.shards]
+        desc = f"filter {recipe.name}: {', '.join(labels[i:j])}"
+        for shard, vs in tqdm(zip(pool.shards, map_shards(_verdicts, args, executor, workers)),
+                              total=len(pool.shards), desc=desc, unit="shard"):
+            verdicts[shard] += vs
+        i = j
     out = local(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    labels = recipe.labels()
+    n_after = np.zeros(len(steps), np.int64)
+    n_standalone = np.zeros(len(steps), np.int64)
     kept_parts, total = [], 0
-    n_after = np.zeros(len(labels), np.int64)
-    n_standalone = np.zeros(len(labels), np.int64)
-    schema = None
     with atomic_file(out / "decisions.parquet") as tmp:
         writer = None
-        results = map_shards(decide_shard, [(recipe, pool, s) for s in pool.shards], executor, workers)
-        for df in tqdm(results, total=len(pool.shards), desc=f"filter {recipe.name}", unit="shard"):
-            total += len(df)
-            for i, lab in enumerate(labels):
-                n_standalone[i] += int((~df[f"keep:{lab}"]).sum())
-                n_after[i] += int(df[[f"keep:{x}" for x in labels[: i + 1]]].all(axis=1).sum())
-            kept = df[df.multiplicity > 0]
-            kept_parts.append(np.repeat(kept.uid.to_numpy(), kept.multiplicity.to_numpy()))
-            table = pa.Table.from_pandas(df, preserve_index=False)
+        args = [(recipe, pool, s) for s in pool.shards]
+        for shard, cols in zip(pool.shards, map_shards(_explain, args, executor, workers)):
+            vs = verdicts.pop(shard)
+            n = len(cols["uid"])
+            total += n
+            alive_m = np.ones(n, bool)
+            mult = np.ones(n, np.int64)
+            dropped_by = np.full(n, None, dtype=object)
+            for k, (lab, v) in enumerate(zip(labels, vs)):
+                keep = v > 0
+                n_standalone[k] += int((~keep).sum())
+                if v.dtype != bool:
+                    mult = np.where(keep, mult * v.astype(np.int64), mult)
+                dropped_by[alive_m & ~keep] = lab
+                alive_m &= keep
+                n_after[k] += int(alive_m.sum())
+                cols[f"keep:{lab}"] = keep
+            cols.update(shard=np.full(n, shard), dropped_by=dropped_by, multiplicity=np.where(alive_m, mult, 0))
+            kept_parts.append(np.repeat(cols["uid"][alive_m], cols["multiplicity"][alive_m]))
+            table = pa.table(cols)
             if writer is None:
                 schema = table.schema
                 writer = pq.ParquetWriter(tmp, schema)
@@ -134,14 +182,14 @@ def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", work
     uids = U.hex_to_array(np.concatenate(kept_parts) if kept_parts else np.array([], str))
     U.save(out / "uids.npy", uids)
     prev = total
-    steps = []
-    for i, (lab, step) in enumerate(zip(labels, recipe.steps)):
-        steps.append({"step": lab, "kind": step.kind, "params": step.model_dump(exclude_none=True),
-                      "state": step.state(), "kept_after": int(n_after[i]),
-                      "dropped_here": int(prev - n_after[i]), "dropped_standalone": int(n_standalone[i])})
-        prev = int(n_after[i])
+    funnel_steps = []
+    for k, (lab, step) in enumerate(zip(labels, steps)):
+        funnel_steps.append({"step": lab, "kind": step.kind, "params": step.model_dump(exclude_none=True),
+                             "state": step.state(), "kept_after": int(n_after[k]),
+                             "dropped_here": int(prev - n_after[k]), "dropped_standalone": int(n_standalone[k])})
+        prev = int(n_after[k])
     return {"recipe": recipe.name, "pool_size": total, "kept_unique": int(prev), "subset_size": int(len(uids)),
-            "kept_fraction": (prev / total) if total else 0.0, "steps": steps,
+            "kept_fraction": (prev / total) if total else 0.0, "steps": funnel_steps,
             "bounds": recipe.bounds.model_dump()}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,25 @@ class CaptionLength(Step):
         return (words >= self.min_words) & (chars >= self.min_chars)
 
 
+
+
+@register
+class TextRegex(Step):
+    """Drop captions matching ``drop_pattern`` or containing a ``blocklist`` word (case-insensitive),
+    e.g. file names and placeholders that say nothing about the image."""
+    kind = "text_regex"
+    drop_pattern: str | None = None
+    blocklist: list[str] = []
+
+    def requires(self):
+        return ["text"], []
+
+    def keep(self, batch) -> np.ndarray:
+        text = pc.fill_null(batch.meta["text"], "")
+        drop = np.zeros(len(text), bool)
+        if self.drop_pattern:
+            drop |= pc.match_substring_regex(text, self.drop_pattern, ignore_case=True).to_numpy(zero_copy_only=False)
+        if self.blocklist:
+            words = "|".join(re.escape(w) for w in self.blocklist)
+            drop |= pc.match_substring_regex(text, rf"\b({words})\b", ignore_case=True).to_numpy(zero_copy_only=False)
+        return ~drop

@@ -36,6 +36,14 @@ class Pool:
         p = local(self.uri) / "truth.parquet"
         return p if p.exists() else None
 
+    def targets(self) -> dict[str, np.ndarray]:
+        """Downstream-task embeddings written by the embed stage (``img:<task>``, ``txt:<task>``)."""
+        p = local(self.embed_uri or "") / "targets.npz"
+        if not self.embed_uri or not p.exists():
+            return {}
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k].astype(np.float32) for k in z.files}
+
     def batch(self, shard: str) -> "ShardBatch":
         return ShardBatch(self, shard)
 

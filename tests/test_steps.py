@@ -1,0 +1,137 @@
+"""The steps beyond DataComp's basic rules: text regex, exact dedup, flip rule, retrieval,
+image clusters, rebalancing; recipe overrides; determinism across executors."""
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from winnow.config import ParamsError
+from winnow.filters.engine import load_recipe, recipe_names, run
+from winnow.pool import shards
+from winnow.pool import uids as U
+from winnow.pool.view import Pool
+
+
+def recipe(tmp_path, steps, name="t"):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"name": name, "steps": steps}))
+    return load_recipe(str(p))
+
+
+@pytest.fixture(scope="module")
+def pool_with_targets(demo_pool, tmp_path_factory):
+    """The demo pool + an embed dir whose targets are copies of 5 pool images (b32) and 3 texts."""
+    embed = tmp_path_factory.mktemp("embed")
+    z = shards.read_npz(str(demo_pool), "00000001")
+    np.savez(embed / "targets.npz", **{"img:t": z["b32_img"][[0, 10, 20, 30, 40]].astype(np.float16),
+                                       "txt:t": z["b32_txt"][[1, 2, 3]].astype(np.float16)})
+    meta = shards.read_meta(str(demo_pool), "00000001").to_pandas()
+    return Pool.open(str(demo_pool), embed_uri=str(embed)), meta.uid.to_numpy()
+
+
+def decisions(tmp_path):
+    return pd.read_parquet(tmp_path / "decisions.parquet")
+
+
+def test_text_regex_drops_file_names(demo_pool, tmp_path):
+    r = load_recipe("devil_in_details")
+    step = r.steps[r.labels().index("uninformative")]
+    class B:
+        def __init__(self, texts):
+            import pyarrow as pa
+            self.meta = pa.table({"text": texts})
+    texts = ["IMG_2041.jpg", "image", "DSC00123.JPG", "untitled-77", "photo", "123.png",
+             "a photo of two red circles", "image of a red square on white"]
+    assert step.keep(B(texts)).tolist() == [False] * 6 + [True, True]
+
+
+def test_dedup_exact_keeps_first_of_each_image(demo_pool, tmp_path):
+    run(recipe(tmp_path, [{"step": "dedup_exact"}]), Pool.open(str(demo_pool)), str(tmp_path))
+    d = decisions(tmp_path)
+    meta = pd.concat([shards.read_meta(str(demo_pool), s).to_pandas() for s in shards.discover(str(demo_pool))])
+    kept = meta[d["keep:dedup_exact"].to_numpy()]
+    assert kept.sha256.is_unique and kept.sha256.nunique() == meta.sha256.nunique()
+    first = ~meta.sha256.duplicated(keep="first").to_numpy()
+    assert (d["keep:dedup_exact"].to_numpy() == first).all()
+
+
+def test_flip_rule_modes(tmp_path):
+    from winnow.filters.clip_score import FlipScore
+
+    class B:
+        def column(self, name):
+            return {"s": np.array([0.8, 0.8, 0.3, np.nan]), "f": np.array([0.75, 0.3, 0.3, 0.5])}[name]
+    assert FlipScore(score="s", flip_score="f", mode="drop", max_drop=0.1).keep(B()).tolist() == [True, False, True, False]
+    assert FlipScore(score="s", flip_score="f", mode="flipped", threshold=0.5).keep(B()).tolist() == [True, False, False, False]
+    assert FlipScore(score="s", flip_score="f", mode="min", threshold=0.3).keep(B()).tolist() == [True, True, True, False]
+    with pytest.raises(Exception, match="max_drop"):
+        FlipScore(mode="drop")
+
+
+def test_retrieval_finds_the_samples_the_targets_copy(pool_with_targets, tmp_path):
+    pool, uids = pool_with_targets
+    r = recipe(tmp_path, [{"step": "retrieval", "key": "b32_img", "queries": ["image"], "k": 1}])
+    f = run(r, pool, str(tmp_path))
+    got = set(U.array_to_hex(U.load(tmp_path / "uids.npy")))
+    assert got == set(uids[[0, 10, 20, 30, 40]]) and f["steps"][0]["state"]["queries"] == 5
+
+
+def test_retrieval_upsample_emits_multiplicities(pool_with_targets, tmp_path):
+    pool, uids = pool_with_targets
+    r = recipe(tmp_path, [{"step": "retrieval", "key": "b32_img", "queries": ["image", "text"], "k": 2,
+                           "mode": "upsample", "factor": 3}])
+    f = run(r, pool, str(tmp_path))
+    d = decisions(tmp_path)
+    assert set(d.multiplicity) == {1, 3} and f["kept_unique"] == 600
+    assert f["subset_size"] == 600 + 2 * int((d.multiplicity == 3).sum())
+    ids = U.load(tmp_path / "uids.npy")
+    assert U.multiplicity(ids, U.hex_to_array(uids[[0]], sort=False))[0] == 3
+
+
+def test_image_clusters_keep_target_clusters(pool_with_targets, tmp_path):
+    pool, _ = pool_with_targets
+    r = recipe(tmp_path, [{"step": "image_clusters", "key": "b32_img", "clusters": 12, "tasks": ["t"]}])
+    f = run(r, pool, str(tmp_path))
+    st = f["steps"][0]["state"]
+    assert st["clusters"] == 12 and 1 <= st["target_clusters"] <= 5
+    assert 0 < f["kept_unique"] < 600
+    assert decisions(tmp_path)["keep:image_clusters"].to_numpy()[200 + 0]   # a target's own sample
+
+
+def test_rebalance_caps_and_repeats_deterministically(demo_pool, tmp_path):
+    pool = Pool.open(str(demo_pool))
+    steps = [{"step": "rebalance", "key": "b32_img", "clusters": 10, "cap": 0.8, "max_repeat": 3}]
+    outs = []
+    for ex in ("serial", "processes"):
+        from winnow.filters.engine import run as run_
+        f = run_(recipe(tmp_path, steps), pool, str(tmp_path / ex), executor=ex, workers=2)
+        outs.append((tmp_path / ex / "uids.npy").read_bytes())
+    assert outs[0] == outs[1]
+    st = f["steps"][0]["state"]
+    assert st["capped_clusters"] >= 1 and st["upsampled_clusters"] >= 1
+    m = pd.read_parquet(tmp_path / "serial" / "decisions.parquet").multiplicity
+    assert m.max() <= 3 and (m == 0).any() and (m > 1).any()
+
+
+def test_overrides_change_step_fields_and_are_validated():
+    r = load_recipe("clip_score_top30", {"clip_score": {"fraction": 0.2}})
+    assert r.steps[0].fraction == 0.2
+    with pytest.raises(ParamsError, match="no step 'clip'"):
+        load_recipe("clip_score_top30", {"clip": {"fraction": 0.2}})
+    with pytest.raises(ParamsError, match="did you mean 'fraction'"):
+        load_recipe("clip_score_top30", {"clip_score": {"fractio": 0.2}})
+
+
+def test_every_named_recipe_validates():
+    names = recipe_names()
+    for need in ("no_filter", "basic", "laion2b", "clip_score_top30", "clip_b32_top30", "clip_l14_top30",
+                 "image_based", "image_based_x_clip", "devil_in_details"):
+        assert need in names
+    for n in names:
+        assert load_recipe(n).name == n
+
+
+def test_missing_targets_fail_clearly(demo_pool, tmp_path):
+    r = recipe(tmp_path, [{"step": "retrieval", "key": "b32_img"}])
+    with pytest.raises(ParamsError, match="target embeddings"):
+        run(r, Pool.open(str(demo_pool)), str(tmp_path))

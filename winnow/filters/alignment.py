@@ -1,0 +1,190 @@
+"""Data-distribution alignment: steps that move the subset toward the downstream tasks.
+
+Targets are the embed stage's ``targets.npz`` (task *train* images ``img:<task>`` and class-name x
+template texts ``txt:<task>``; DataComp allows both, never test images). All decisions are made
+from small global state (queries' running top-k, k-means centroids, per-cluster factors), one
+shard at a time.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, PrivateAttr
+
+from winnow.config import ParamsError
+from winnow.filters.base import Step, register
+
+
+def _targets(pool, tasks: list[str] | None, modality: str) -> np.ndarray:
+    t = pool.targets()
+    keys = [k for k in t if k.startswith(f"{modality}:") and (tasks is None or k.split(":", 1)[1] in tasks)]
+    if not keys:
+        have = ", ".join(sorted(t)) or "none (run the embed stage with a task suite)"
+        raise ParamsError(f"no '{modality}' target embeddings for tasks {tasks or 'any'} (available: {have})")
+    return np.concatenate([t[k] for k in keys])
+
+
+def _survivor_sample(pool, alive, key: str, size: int, seed: int) -> np.ndarray:
+    """An even random sample of survivors' embeddings, at most ``size`` rows, one shard at a time."""
+    total = sum(int(alive(s).sum()) for s in pool.shards)
+    rate = min(1.0, size / max(1, total))
+    rng = np.random.default_rng(seed)
+    parts = []
+    for shard in pool.shards:
+        e = pool.batch(shard).embedding(key)[alive(shard)]
+        e = e[np.isfinite(e).all(axis=1)]
+        parts.append(e[rng.random(len(e)) < rate])
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Unit-norm centroids (spherical k-means via scikit-learn on normalised vectors)."""
+    from sklearn.cluster import KMeans
+
+    k = max(1, min(k, len(x)))
+    km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit(x)
+    c = km.cluster_centers_
+    return (c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _assign(e: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Nearest centroid by inner product (DataComp's rule); -1 for rows without a finite embedding."""
+    ok = np.isfinite(e).all(axis=1)
+    out = np.full(len(e), -1)
+    if ok.any():
+        out[ok] = (e[ok] @ centroids.T).argmax(axis=1)
+    return out
+
+
+@register
+class Retrieval(Step):
+    """Keep (``mode: keep``) or up-sample (``mode: upsample``) the pool samples nearest to task data:
+    for each query the ``k`` most similar survivors by cosine, union over queries. Queries are task
+    train images (``image``: image->image) and/or class prompts (``text``: text->image)."""
+    kind = "retrieval"
+    is_global = True
+    tasks: list[str] | None = None
+    queries: list[Literal["image", "text"]] = ["image", "text"]
+    key: str = "scorer_img"
+    k: int = Field(20, ge=1)
+    mode: Literal["keep", "upsample"] = "keep"
+    factor: int = Field(2, ge=2)
+    _hits: dict = PrivateAttr(default_factory=dict)
+    _nq: int = PrivateAttr(0)
+
+    def requires(self):
+        return [], [self.key]
+
+    def fit(self, pool, alive) -> None:
+        q = np.concatenate([_targets(pool, self.tasks, "img" if m == "image" else "txt") for m in self.queries])
+        self._nq = len(q)
+        best_s = np.full((len(q), 0), -np.inf, np.float32)
+        best_i = np.zeros((len(q), 0, 2), np.int64)
+        for k, shard in enumerate(pool.shards):
+            e = pool.batch(shard).embedding(self.key)
+            ok = alive(shard) & np.isfinite(e).all(axis=1)
+            rows = np.flatnonzero(ok)
+            if not len(rows):
+                continue
+            s = q @ e[rows].T
+            take = min(self.k, len(rows))
+            top = np.argpartition(-s, take - 1, axis=1)[:, :take]
+            cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], axis=1)
+            idx = np.stack([np.full(top.shape, k), rows[top]], axis=-1)
+            cand_i = np.concatenate([best_i, idx], axis=1)
+            # ties broken by pool position so every executor picks the same samples
+            order = np.lexsort((cand_i[..., 1], cand_i[..., 0], -cand_s), axis=1)[:, : self.k]
+            best_s = np.take_along_axis(cand_s, order, 1)
+            best_i = np.take_along_axis(cand_i, order[..., None], 1)
+        hits = np.unique(best_i.reshape(-1, 2), axis=0)
+        self._hits = {pool.shards[k]: hits[hits[:, 0] == k, 1] for k in np.unique(hits[:, 0])}
+
+    def keep(self, batch) -> np.ndarray:
+        hit = np.zeros(len(batch), bool)
+        hit[self._hits.get(batch.shard, [])] = True
+        if self.mode == "keep":
+            return hit
+        return np.where(hit, self.factor, 1).astype(np.int64)
+
+    def state(self) -> dict:
+        return {"queries": self._nq, "retrieved": int(sum(len(v) for v in self._hits.values()))}
+
+
+@register
+class ImageClusters(Step):
+    """DataComp's image-based filtering: k-means over the survivors' image embeddings; keep samples
+    whose cluster is the nearest cluster of at least one target (task train) image."""
+    kind = "image_clusters"
+    is_global = True
+    tasks: list[str] | None = None
+    key: str = "scorer_img"
+    clusters: int = Field(100, ge=1)
+    sample: int = Field(100_000, ge=1)
+    seed: int = 0
+    _centroids: np.ndarray | None = PrivateAttr(None)
+    _keep: np.ndarray | None = PrivateAttr(None)
+
+    def requires(self):
+        return [], [self.key]
+
+    def fit(self, pool, alive) -> None:
+        self._centroids = _kmeans(_survivor_sample(pool, alive, self.key, self.sample, self.seed), self.clusters, self.seed)
+        targets = _targets(pool, self.tasks, "img")
+        self._keep = np.unique(_assign(targets, self._centroids))
+
+    def keep(self, batch) -> np.ndarray:
+        return np.isin(_assign(batch.embedding(self.key), self._centroids), self._keep)
+
+    def state(self) -> dict:
+        return {"clusters": 0 if self._centroids is None else len(self._centroids),
+                "target_clusters": 0 if self._keep is None else len(self._keep)}
+
+
+@register
+class Rebalance(Step):
+    """Rebalance the survivors over k-means clusters of their image embeddings: clusters larger
+    than ``cap`` x the median cluster are thinned to that size (deterministically, by uid), and
+    clusters smaller than the median are up-sampled up to ``max_repeat`` copies — emitted as uid
+    multiplicities, which DataComp's resharder writes as copies."""
+    kind = "rebalance"
+    is_global = True
+    key: str = "scorer_img"
+    clusters: int = Field(50, ge=1)
+    sample: int = Field(100_000, ge=1)
+    cap: float = Field(3.0, gt=0)
+    max_repeat: int = Field(2, ge=1)
+    seed: int = 0
+    _centroids: np.ndarray | None = PrivateAttr(None)
+    _keep_rate: np.ndarray | None = PrivateAttr(None)
+    _repeat: np.ndarray | None = PrivateAttr(None)
+
+    def requires(self):
+        return ["uid"], [self.key]
+
+    def fit(self, pool, alive) -> None:
+        self._centroids = _kmeans(_survivor_sample(pool, alive, self.key, self.sample, self.seed), self.clusters, self.seed)
+        counts = np.zeros(len(self._centroids), np.int64)
+        for shard in pool.shards:
+            a = _assign(pool.batch(shard).embedding(self.key), self._centroids)[alive(shard)]
+            counts += np.bincount(a[a >= 0], minlength=len(counts))
+        median = float(np.median(counts[counts > 0])) if (counts > 0).any() else 0.0
+        limit = self.cap * median
+        self._keep_rate = np.where(counts > limit, limit / np.maximum(counts, 1), 1.0)
+        self._repeat = np.clip(np.round(median / np.maximum(counts, 1)), 1, self.max_repeat).astype(np.int64)
+
+    def keep(self, batch) -> np.ndarray:
+        from winnow.pool import uids as U
+
+        c = _assign(batch.embedding(self.key), self._centroids)
+        u = U.hex_to_array(batch.column("uid"), sort=False)["f1"].astype(np.float64) / 2.0**64
+        ok = c >= 0
+        cc = np.where(ok, c, 0)
+        keep = ok & (u < self._keep_rate[cc])
+        return np.where(keep, self._repeat[cc], 0).astype(np.int64)
+
+    def state(self) -> dict:
+        if self._keep_rate is None:
+            return {}
+        return {"clusters": len(self._keep_rate), "capped_clusters": int((self._keep_rate < 1).sum()),
+                "upsampled_clusters": int((self._repeat > 1).sum())}
