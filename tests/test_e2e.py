@@ -107,3 +107,16 @@ def test_prefect_flow_runs_one_task_per_stage(project, monkeypatch):
         assert all(r.state.is_completed() for r in runs)
         artifacts = client.read_artifacts()
         assert {"funnel", "eval-summary"} <= {a.key for a in artifacts}
+
+
+def test_every_named_recipe_runs_through_dvc(project):
+    from winnow.filters.engine import recipe_names
+
+    for name in recipe_names():
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["filter"]["recipe"] = name
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = dvc(project, "repro", "filter")
+        assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-3000:])
+        funnel = json.loads((project / "reports/filter/funnel.json").read_text())
+        assert funnel["recipe"] == name and funnel["subset_size"] >= funnel["kept_unique"] > 0

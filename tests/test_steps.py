@@ -135,3 +135,21 @@ def test_missing_targets_fail_clearly(demo_pool, tmp_path):
     r = recipe(tmp_path, [{"step": "retrieval", "key": "b32_img"}])
     with pytest.raises(ParamsError, match="target embeddings"):
         run(r, Pool.open(str(demo_pool)), str(tmp_path))
+
+
+def test_corrupt_shard_fails_naming_it_or_is_quarantined(demo_pool, tmp_path):
+    import shutil
+
+    from winnow.pool.shards import ShardError
+
+    bad = tmp_path / "pool"
+    shutil.copytree(demo_pool, bad)
+    (bad / "00000001.npz").write_bytes(b"PK\x03\x04 this is not a zip")
+    steps = [{"step": "clip_score", "embeddings": ["b32_img", "b32_txt"], "fraction": 0.3}]
+    with pytest.raises(ShardError, match="00000001"):
+        run(recipe(tmp_path, steps), Pool.open(str(bad)), str(tmp_path / "a"))
+    p = tmp_path / "q.yaml"
+    p.write_text(yaml.safe_dump({"name": "q", "corrupt_shards": "quarantine", "steps": steps}))
+    f = run(load_recipe(str(p)), Pool.open(str(bad)), str(tmp_path / "b"))
+    assert [q["shard"] for q in f["quarantined_shards"]] == ["00000001"]
+    assert f["pool_size"] == 400 and f["kept_unique"] == 121   # rank int(0.3 N) is kept too (>=)

@@ -6,7 +6,9 @@ dropped it. Global steps ``fit`` over the whole pool first. Memory is one shard 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,7 @@ from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
 from winnow.filters import Step, build_step
 from winnow.io import atomic_file, local
 from winnow.pool import uids as U
+from winnow.pool.shards import ShardError
 from winnow.pool.view import Pool
 
 
@@ -34,6 +37,7 @@ class Recipe(BaseModel):
     name: str
     description: str = ""
     bounds: Bounds = Bounds()
+    corrupt_shards: Literal["fail", "quarantine"] = "fail"   # quarantine: skip, count, report
     steps: list[Step] = []
 
     def labels(self) -> list[str]:
@@ -74,6 +78,30 @@ def load_recipe(name: str, overrides: dict | None = None) -> Recipe:
     recipe = validate_model(Recipe, raw | {"steps": []}, str(p))
     recipe.steps = steps
     return recipe
+
+
+def probe_shards(recipe: Recipe, pool: Pool) -> tuple[Pool, list[dict]]:
+    """Read each shard's uids and the embeddings the recipe needs; a shard that cannot be read fails
+    the run naming it, or — when the recipe says ``corrupt_shards: quarantine`` — is left out and
+    reported with its error."""
+    keys = sorted({k for s in recipe.steps for k in s.requires()[1]})
+    bad = []
+    for shard in pool.shards:
+        try:
+            b = pool.batch(shard)
+            n = len(b.column("uid"))
+            for k in keys:
+                if k in b.embedding_keys() and b.embedding(k).shape[0] != n:
+                    raise ShardError(f"shard {shard}: embedding '{k}' has {b.embedding(k).shape[0]} rows, metadata {n}")
+        except (ShardError, KeyError, OSError, ValueError) as exc:
+            if recipe.corrupt_shards == "fail":
+                raise ShardError(f"{exc} (set `corrupt_shards: quarantine` in the recipe to skip such shards)") from None
+            bad.append({"shard": shard, "error": str(exc)})
+    names = {b["shard"] for b in bad}
+    good = [s for s in pool.shards if s not in names]
+    if not good:
+        raise ShardError(f"every shard is corrupt: {bad[:3]}")
+    return replace(pool, shards=good), bad
 
 
 def check_requirements(recipe: Recipe, pool: Pool) -> None:
@@ -120,6 +148,7 @@ def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", work
     Consecutive per-sample steps share one pass over the shards; a global step first fits on the
     survivors of the steps before it. Only per-shard verdict arrays (bytes per sample) are kept.
     """
+    pool, quarantined = probe_shards(recipe, pool)
     check_requirements(recipe, pool)
     labels, steps = recipe.labels(), recipe.steps
     verdicts: dict[str, list[np.ndarray]] = {s: [] for s in pool.shards}
@@ -190,7 +219,7 @@ def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", work
         prev = int(n_after[k])
     return {"recipe": recipe.name, "pool_size": total, "kept_unique": int(prev), "subset_size": int(len(uids)),
             "kept_fraction": (prev / total) if total else 0.0, "steps": funnel_steps,
-            "bounds": recipe.bounds.model_dump()}
+            "bounds": recipe.bounds.model_dump(), "quarantined_shards": quarantined}
 
 
 def truth_metrics(decisions: pd.DataFrame, truth: pd.DataFrame, labels: list[str]) -> dict:

@@ -90,10 +90,13 @@ class ShardBatch:
             for src in sources:
                 p = shards.path(src, self.shard, "npz")
                 if p.exists():
-                    with np.load(p, allow_pickle=False) as z:
-                        if key in z.files:
-                            self._emb[key] = z[key].astype(np.float32)
-                            break
+                    try:
+                        with np.load(p, allow_pickle=False) as z:
+                            if key in z.files:
+                                self._emb[key] = z[key].astype(np.float32)
+                                break
+                    except Exception as exc:   # zip/npy corruption surfaces as many types
+                        raise shards.ShardError(f"shard {self.shard}: cannot read {p}: {type(exc).__name__}: {exc}") from None
             else:
                 raise KeyError(f"shard {self.shard}: no embedding '{key}' (available: {', '.join(self.embedding_keys())})")
         return self._emb[key]
@@ -103,6 +106,9 @@ class ShardBatch:
         for src in [self.pool.uri] + ([self.pool.embed_uri] if self.pool.embed_uri else []):
             p = shards.path(src, self.shard, "npz")
             if p.exists():
-                with np.load(p, allow_pickle=False) as z:
-                    keys += list(z.files)
+                try:
+                    with np.load(p, allow_pickle=False) as z:
+                        keys += list(z.files)
+                except Exception as exc:
+                    raise shards.ShardError(f"shard {self.shard}: cannot read {p}: {type(exc).__name__}: {exc}") from None
         return keys
