@@ -16,7 +16,7 @@ OUT = "data/filter"
 def body(p: Params) -> dict:
     recipe = load_recipe(p.filter.recipe, p.filter.overrides)   # validated before any data is read
     pool = Pool.open("data/pool", embed_uri="data/embed")
-    funnel = run(recipe, pool, OUT)
+    funnel = run(recipe, pool, OUT, executor=p.filter.executor, workers=p.filter.workers, address=p.filter.address)
     decisions = pd.read_parquet(f"{OUT}/decisions.parquet")
     if pool.truth_path:
         funnel["truth"] = truth_metrics(decisions, pd.read_parquet(pool.truth_path), recipe.labels())

@@ -112,3 +112,20 @@ def test_executors_give_identical_outputs(demo_pool, tmp_path):
 def test_clip_score_needs_one_source():
     with pytest.raises(ValueError):
         ClipScore(score="a", embeddings=("x", "y"), threshold=0.1)
+
+
+def test_dask_cluster_by_address_gives_identical_uids(demo_pool, tmp_path):
+    """A real local multi-process dask.distributed cluster, reached by its scheduler address."""
+    from distributed import LocalCluster
+
+    pool = Pool.open(str(demo_pool))
+    recipe = load_recipe("basic")
+    run(recipe, pool, str(tmp_path / "serial"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        run(load_recipe("basic"), pool, str(tmp_path / "dask"), executor="dask", workers=2, address=cluster.scheduler_address)
+    for name in ("uids.npy",):
+        assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
+    a = pd.read_parquet(tmp_path / "serial" / "decisions.parquet")
+    b = pd.read_parquet(tmp_path / "dask" / "decisions.parquet")
+    pd.testing.assert_frame_equal(a, b)

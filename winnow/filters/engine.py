@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from winnow.compute import map_shards
+from winnow.compute import map_shards, release
 from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
 from winnow.filters import Step, build_step
 from winnow.io import atomic_file, local
@@ -142,12 +142,20 @@ def _explain(recipe: Recipe, pool: Pool, shard: str) -> dict[str, np.ndarray]:
     return cols
 
 
-def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", workers: int = 1) -> dict:
+def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", workers: int = 1,
+        address: str | None = None) -> dict:
     """Decide every sample, step by step, and write uids.npy + decisions.parquet. Returns the funnel.
 
     Consecutive per-sample steps share one pass over the shards; a global step first fits on the
     survivors of the steps before it. Only per-shard verdict arrays (bytes per sample) are kept.
     """
+    try:
+        return _run(recipe, pool, out_dir, executor, workers, address)
+    finally:
+        release()
+
+
+def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, address: str | None) -> dict:
     pool, quarantined = probe_shards(recipe, pool)
     check_requirements(recipe, pool)
     labels, steps = recipe.labels(), recipe.steps
@@ -171,7 +179,7 @@ def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", work
         group = steps[i:j]
         args = [(group, pool, s) for s in pool.shards]
         desc = f"filter {recipe.name}: {', '.join(labels[i:j])}"
-        for shard, vs in tqdm(zip(pool.shards, map_shards(_verdicts, args, executor, workers)),
+        for shard, vs in tqdm(zip(pool.shards, map_shards(_verdicts, args, executor, workers, address)),
                               total=len(pool.shards), desc=desc, unit="shard"):
             verdicts[shard] += vs
         i = j
@@ -183,7 +191,7 @@ def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", work
     with atomic_file(out / "decisions.parquet") as tmp:
         writer = None
         args = [(recipe, pool, s) for s in pool.shards]
-        for shard, cols in zip(pool.shards, map_shards(_explain, args, executor, workers)):
+        for shard, cols in zip(pool.shards, map_shards(_explain, args, executor, workers, address)):
             vs = verdicts.pop(shard)
             n = len(cols["uid"])
             total += n
