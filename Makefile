@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test test-fast flow check clean
+.PHONY: run test test-fast flow check clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +27,11 @@ flow: $(STAMP)
 check: $(STAMP)
 	$(PY) -m winnow check
 
-test: $(STAMP)
+# the report test renders reports/index.html in headless Chromium (Debian's package)
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) chromium
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q
 
 test-fast: $(STAMP)

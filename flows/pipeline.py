@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +24,36 @@ def _env() -> dict:
     return env
 
 
+_BAR = re.compile(r"^(?P<desc>.*?):\s+(?P<pct>\d+)%\|")
+
+
 @task(retries=1, retry_delay_seconds=2, task_run_name="{stage}")
 def run_stage(stage: str) -> str:
-    """Run one stage through DVC (skipped by DVC when its inputs are unchanged)."""
+    """Run one stage through DVC (skipped by DVC when its inputs are unchanged), streaming its
+    output to the Prefect log: progress bars every quarter, training lines at each epoch's end."""
     log = get_run_logger()
-    proc = subprocess.run(["dvc", "repro", "--single-item", stage], env=_env(), capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        # per-step training lines stay in open_clip_train's own log; keep each epoch's last one
-        noisy = "Train Epoch" in line and "(100%)" not in line
-        if line.strip() and "\r" not in line and not noisy:
+    proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    shown: dict[str, int] = {}
+    tail: list[str] = []
+    skipped = False
+    for line in proc.stdout:   # text mode turns tqdm's carriage returns into line ends
+        line = line.rstrip()
+        if not line:
+            continue
+        tail = (tail + [line])[-40:]
+        skipped |= "didn't change, skipping" in line
+        bar = _BAR.match(line)
+        if bar:
+            pct, desc = int(bar["pct"]), bar["desc"]
+            if pct - shown.get(desc, -100) >= 25 or (pct == 100 and shown.get(desc) != 100):
+                shown[desc] = pct
+                log.info(line)
+        elif "Train Epoch" not in line or "(100%)" in line:
             log.info(line)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return "skipped" if "didn't change, skipping" in proc.stdout else "ran"
+    if proc.wait() != 0:
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return "skipped" if skipped else "ran"
 
 
 def _publish_artifacts() -> None:
@@ -52,15 +70,26 @@ def _publish_artifacts() -> None:
         md += [f"| group: {g} | {v:.3f} |" for g, v in s["groups"].items()]
         md.append(f"| **average** | {s['average']:.3f} |" if s["average"] is not None else "| average | n/a |")
         create_markdown_artifact(key="eval-summary", markdown="\n".join(md), description="evaluation summary")
+    runs = Path("reports/compare/runs.md")
+    if runs.exists():
+        create_markdown_artifact(key="runs", markdown=runs.read_text(), description="runs compared (MLflow)")
 
 
 @flow(name="winnow-pipeline", log_prints=True)
-def pipeline(dvc_yaml: str = "dvc.yaml") -> dict:
-    """Run every stage of dvc.yaml in dependency order under one MLflow parent run."""
-    from winnow import track
-    from winnow.config import load_params
+def pipeline(recipe: str | None = None, scale: str | None = None, dvc_yaml: str = "dvc.yaml") -> dict:
+    """Run every stage of dvc.yaml in dependency order under one MLflow parent run.
 
+    ``recipe`` / ``scale`` set ``filter.recipe`` / ``train.scale`` in params.yaml first (as
+    ``dvc exp run -S`` does), so DVC re-runs exactly what they affect."""
+    from winnow import track
+    from winnow.config import load_params, set_params
+    from winnow.filters.engine import load_recipe
+
+    updates = {k: v for k, v in {"filter.recipe": recipe, "train.scale": scale}.items() if v}
+    if updates:
+        set_params("params.yaml", updates)
     params = load_params()   # a params typo fails here, before any stage
+    load_recipe(params.filter.recipe, params.filter.overrides)
     order = topological(load_dag(dvc_yaml))
     results = {}
     with track.pipeline_run(params, name="prefect-pipeline"):

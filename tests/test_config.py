@@ -59,3 +59,21 @@ def test_unknown_step_and_field(tmp_path):
     r.write_text(yaml.safe_dump({"name": "x", "steps": [{"step": "clip_score", "score": "s"}]}))
     with pytest.raises(ParamsError, match="threshold' or 'fraction"):
         load_recipe(str(r))
+
+
+def test_set_params_keeps_comments_and_validates(tmp_path):
+    from winnow.config import ROOT, set_params
+
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    set_params(p, {"filter.recipe": "basic", "train.scale": "micro", "pool.noise.mismatched": 0.2})
+    text = p.read_text()
+    assert "recipe: basic   # configs/recipes/<recipe>.yaml" in text
+    params = load_params(p)
+    assert (params.filter.recipe, params.train.scale, params.pool.noise.mismatched) == ("basic", "micro", 0.2)
+    before = p.read_text()
+    with pytest.raises(ParamsError, match="'recpe' not found"):
+        set_params(p, {"filter.recpe": "x"})
+    with pytest.raises(ParamsError, match="pool.shard_size"):
+        set_params(p, {"pool.shard_size": -1})
+    assert p.read_text() == before   # nothing written on error

@@ -120,3 +120,89 @@ def test_every_named_recipe_runs_through_dvc(project):
         assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-3000:])
         funnel = json.loads((project / "reports/filter/funnel.json").read_text())
         assert funnel["recipe"] == name and funnel["subset_size"] >= funnel["kept_unique"] > 0
+
+
+def test_report_html_renders_in_headless_chromium(project, tmp_path):
+    import re
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by `make test` (Debian package)"
+    proc = dvc(project, "repro", "report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = project / "reports/index.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    broken = int(re.search(r'data-broken-images="(\d+)"', dom).group(1))
+    assert images >= 6 and broken == 0, (images, broken)
+    for h in ("Funnel", "What each step removed", "Evaluation", "Earlier runs"):
+        assert f"<h2>{h}" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 20_000
+    plots = {p.name for p in (project / "reports/plots").iterdir()}
+    assert {"funnel.png", "funnel.csv", "eval.csv", "eval_tasks.png", "grid_kept.png"} <= plots
+    assert dvc(project, "plots", "show", "--json").returncode == 0
+
+
+def test_compare_lists_the_runs(project):
+    proc = subprocess.run([sys.executable, "-m", "winnow", "compare"], cwd=project, env=env_for_subprocess(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (project / "reports/compare/runs.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| pipeline") or line.startswith("| prefect-pipeline")]
+    assert len(rows) >= 2 and "average" in table and "clip_score_top30" in table
+
+
+def test_served_deployment_runs_on_a_real_prefect_server(project, tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = env_for_subprocess() | {"PREFECT_HOME": str(tmp_path / "prefect"),
+                                  "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    bindir = env["PATH"].split(":")[0]
+    server = subprocess.Popen([f"{bindir}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("prefect server did not come up")
+        serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--name", "winnow-test", "--cron", "0 3 * * *"],
+                                 cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        name = "winnow-pipeline/winnow-test"
+        while time.time() < deadline:
+            insp = subprocess.run([f"{bindir}/prefect", "deployment", "inspect", name], env=env, capture_output=True, text=True)
+            if insp.returncode == 0:
+                break
+            time.sleep(2)
+        assert insp.returncode == 0, insp.stderr
+        assert "0 3 * * *" in insp.stdout   # the cron schedule is registered
+        run = subprocess.run([f"{bindir}/prefect", "deployment", "run", name, "-p", "recipe=basic", "--watch",
+                              "--watch-timeout", "600"], env=env, capture_output=True, text=True, timeout=660)
+        assert run.returncode == 0 and "Completed" in run.stdout + run.stderr, run.stdout[-3000:] + run.stderr[-3000:]
+        funnel = json.loads((project / "reports/filter/funnel.json").read_text())
+        assert funnel["recipe"] == "basic"
+    finally:
+        for p in (serve, server):
+            if p is not None:
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()

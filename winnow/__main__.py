@@ -1,5 +1,6 @@
 """``python -m winnow run``: the whole pipeline through ``dvc repro`` under one MLflow parent run.
-``python -m winnow check``: validate params.yaml and the recipe without running anything."""
+``python -m winnow check``: validate params.yaml and the recipe without running anything.
+``python -m winnow compare``: MLflow runs side by side (reports/compare/runs.md)."""
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,35 @@ def _run(extra: list[str]) -> int:
     return 0
 
 
+def _compare(limit: int) -> int:
+    """Print the MLflow runs of this experiment side by side; write reports/compare/runs.md and
+    log it as an MLflow artifact."""
+    import mlflow
+
+    from winnow import compare, track
+    from winnow.config import load_params
+
+    p = load_params()
+    rows = compare.runs_table(track.tracking_uri(p.tracking.uri), p.tracking.experiment, limit)
+    print(compare.write(rows))
+    mlflow.set_tracking_uri(track.tracking_uri(p.tracking.uri))
+    mlflow.set_experiment(p.tracking.experiment)
+    with mlflow.start_run(run_name="compare", tags={"winnow.kind": "compare"}):
+        mlflow.log_artifact("reports/compare/runs.md")
+    print(f"wrote {Path('reports/compare/runs.md').resolve()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="winnow")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run the pipeline (dvc repro) under one MLflow parent run")
     sub.add_parser("check", help="validate params.yaml, the recipe and the suite")
+    cmp = sub.add_parser("compare", help="MLflow runs side by side -> reports/compare/runs.md")
+    cmp.add_argument("--limit", type=int, default=50)
     args, extra = ap.parse_known_args(argv)
+    if args.cmd == "compare":
+        return _compare(args.limit)
     return _run(extra) if args.cmd == "run" else _check()
 
 

@@ -1,0 +1,35 @@
+import json
+
+import pandas as pd
+
+from winnow import report
+
+
+def test_report_from_stage_outputs(demo_pool, tmp_path):
+    from winnow.filters.engine import load_recipe, run, truth_metrics
+    from winnow.pool.view import Pool
+
+    reports = tmp_path / "reports"
+    (reports / "filter").mkdir(parents=True)
+    (reports / "eval").mkdir()
+    recipe = load_recipe("basic")
+    funnel = run(recipe, Pool.open(str(demo_pool)), str(tmp_path / "filter"))
+    d = pd.read_parquet(tmp_path / "filter" / "decisions.parquet")
+    funnel["truth"] = truth_metrics(d, pd.read_parquet(demo_pool / "truth.parquet"), recipe.labels())
+    (reports / "filter" / "funnel.json").write_text(json.dumps(funnel))
+    (reports / "eval" / "summary.json").write_text(json.dumps(
+        {"tasks": {"shapes": 0.2, "counting": 0.3}, "groups": {"ImageNet": 0.2, "VTAB": 0.3}, "average": 0.25, "missing": ["x"]}))
+    earlier = [{"run": "pipeline", "run_id": "abcd1234", "recipe": "basic", "subset_size": 10, "samples_seen": 100,
+                "imagenet": 0.2, "groups": {"ImageNet": 0.2}, "average": 0.25}]
+    rd = report.collect(str(reports), str(tmp_path / "noscorer"), str(tmp_path / "filter"), str(demo_pool), earlier)
+    figs = report.figures(rd, str(demo_pool))
+    stems = {f[0] for f in figs}
+    assert {"funnel", "grid_kept", "grid_dropped_language", "eval_tasks", "eval_groups", "earlier_runs"} <= stems
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for _, _, png in figs)
+    page = report.build_html(rd, figs)
+    assert page.count("data:image/png;base64,") == len(figs)
+    assert "<h2>What each step removed" in page and "Missing tasks (not scored): x" in page
+    md = report.build_markdown(rd)
+    assert "## Funnel" in md and "| language |" in md
+    plots = report.dvc_plot_data(rd)
+    assert list(plots["funnel"].step) == ["pool", "language", "caption_length", "image_size"]
