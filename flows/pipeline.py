@@ -96,7 +96,7 @@ def pipeline(recipe: str | None = None, scale: str | None = None, dvc_yaml: str 
         for stage in order:
             results[stage] = run_stage(stage)
     _publish_artifacts()
-    print(f"report: {Path('reports/index.md').resolve()}")
+    print(f"report: {Path('reports/index.html').resolve()}")
     return results
 
 

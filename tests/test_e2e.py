@@ -20,7 +20,7 @@ def project(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "winnow", "run"], cwd=proj, env=env_for_subprocess(),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "report: " in proc.stdout
+    assert "report: " in proc.stdout and "index.html" in proc.stdout
     return proj
 
 
@@ -128,6 +128,9 @@ def test_report_html_renders_in_headless_chromium(project, tmp_path):
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is installed by `make test` (Debian package)"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["filter"]["recipe"] = "basic"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = dvc(project, "repro", "report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = project / "reports/index.html"
@@ -137,7 +140,8 @@ def test_report_html_renders_in_headless_chromium(project, tmp_path):
     dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     images = int(re.search(r'data-images="(\d+)"', dom).group(1))
     broken = int(re.search(r'data-broken-images="(\d+)"', dom).group(1))
-    assert images >= 6 and broken == 0, (images, broken)
+    # funnel, 3 "dropped by" grids, the kept grid, 2 evaluation charts, earlier runs
+    assert images >= 8 and broken == 0, (images, broken)
     for h in ("Funnel", "What each step removed", "Evaluation", "Earlier runs"):
         assert f"<h2>{h}" in dom
     shot = tmp_path / "report.png"

@@ -46,7 +46,7 @@ def _run(extra: list[str]) -> int:
             print(f"\npipeline FAILED (dvc repro exit {rc}); MLflow parent run {run.info.run_id}", file=sys.stderr)
             return rc
     print(f"\npipeline finished in {time.time() - t0:.0f}s; MLflow parent run {run.info.run_id}")
-    print(f"report: {Path('reports/index.md').resolve()}")
+    print(f"report: {Path('reports/index.html').resolve()}")
     return 0
 
 
