@@ -14,8 +14,12 @@ HTML, MD, PLOTS = "reports/index.html", "reports/index.md", Path("reports/plots"
 
 
 def body(p: Params) -> dict:
-    earlier = compare.runs_table(track.tracking_uri(p.tracking.uri), p.tracking.experiment)
-    compare.write(earlier)
+    try:   # tracking history is a nice-to-have here: an unreachable server must not block the report
+        earlier = compare.runs_table(track.tracking_uri(p.tracking.uri), p.tracking.experiment)
+        compare.write(earlier)
+    except Exception as exc:  # noqa: BLE001
+        print(f"report: earlier runs unavailable ({track.scrub(str(exc))[:200]})")
+        earlier = []
     run = report.collect(earlier=earlier)
     figs = report.figures(run, "data/pool")
     PLOTS.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,9 @@ def _image_features(model, preprocess, images, batch_size: int) -> torch.Tensor:
 def classify(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> dict:
     import open_clip
 
+    for need in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        if not (task_dir / need).exists():
+            raise MissingTask(f"{task_dir / need} not found")
     classnames = [c.strip() for c in (task_dir / "classnames.txt").read_text(encoding="utf-8").splitlines() if c.strip()]
     templates = [t.strip() for t in (task_dir / "zeroshot_classification_templates.txt")
                  .read_text(encoding="utf-8").splitlines() if t.strip()]
@@ -123,6 +126,8 @@ def evaluate_suite(model, preprocess, tokenizer, suite: Suite, data_root: str, r
             metrics = fn(model, preprocess, tokenizer, task_dir, batch_size)
             row = {"key": task.key, "name": task.name, "group": task.group, "main_metric": task.main_metric,
                    "main": metrics.get(task.main_metric), "metrics": metrics, "status": "ok"}
+            if task.main_metric and task.main_metric not in metrics:   # never a silent gap in the average
+                row.update(status="unsupported_metric", reason=f"main metric {task.main_metric} is not computed yet")
         except MissingTask as exc:
             row = {"key": task.key, "name": task.name, "group": task.group, "main_metric": task.main_metric,
                    "main": None, "metrics": {}, "status": "missing", "reason": str(exc)}

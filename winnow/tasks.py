@@ -32,6 +32,7 @@ class Task(BaseModel):
     group: str
     random_score: float | None = None
     size: int | None = None
+    source: str | None = None     # where the real set comes from (HF dataset id), for users with network
     demo: dict | None = None
 
 
