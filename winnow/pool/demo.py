@@ -64,11 +64,9 @@ def _original_size(rng: np.random.Generator, bad: bool) -> tuple[int, int]:
 
 
 def _stored_size(w: int, h: int, side: int) -> tuple[int, int]:
-    """Downloaded images are resized to fit ``side`` keeping aspect (img2dataset keep_ratio_largest)."""
-    scale = min(1.0, side / max(w, h)) if max(w, h) > side else 1.0
-    if max(w, h) <= side:
-        # small originals: rendered at a fraction of the stored size (they are low-resolution)
-        scale = side / 512
+    """Downloaded images are resized to fit ``side`` keeping aspect (img2dataset keep_ratio_largest);
+    originals already smaller than that are low-resolution and stored at 1/8 of their size."""
+    scale = side / max(w, h) if max(w, h) > side else side / 512
     return max(4, round(w * scale)), max(4, round(h * scale))
 
 
