@@ -86,7 +86,7 @@ def embed_targets(suite, data_root: str, model, preprocess, tokenizer, out: str,
     *training* data, class names and templates, never test images): ``img:<task>`` for each task's
     train split images, ``txt:<task>`` for class names x templates (mean per class) or the train
     split's captions. Written to ``<out>/targets.npz``."""
-    from winnow.evaluate import MissingTask, _load
+    from winnow.evaluate import MissingTask, _load, read_zeroshot_text
     from winnow.io import local
 
     arrays, counts = {}, {}
@@ -102,11 +102,8 @@ def embed_targets(suite, data_root: str, model, preprocess, tokenizer, out: str,
             arrays[f"img:{task.key}"] = _encode(model, model.encode_image, (
                 torch.stack([preprocess(im) for im in imgs[i: i + batch_size]]) for i in range(0, len(imgs), batch_size)))
         prompts: list[list[str]] = []
-        classes = task_dir / "classnames.txt"
-        if classes.exists():
-            names = [c.strip() for c in classes.read_text(encoding="utf-8").splitlines() if c.strip()]
-            templates = [t.strip() for t in (task_dir / "zeroshot_classification_templates.txt")
-                         .read_text(encoding="utf-8").splitlines() if t.strip()]
+        if (task_dir / "classnames.txt").exists():
+            names, templates = read_zeroshot_text(task_dir)
             prompts = [[t.format(c=c) for t in templates] for c in names]
         elif items:
             prompts = [[c] for _, txt in items for c in (txt if isinstance(txt, str) else txt.decode()).split("\n") if c]

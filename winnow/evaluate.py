@@ -40,6 +40,16 @@ def _load(task_dir: Path, label_key: str, split: str = "test"):
     return ds.to_tuple("jpg;png;jpeg;webp", label_key)
 
 
+def read_zeroshot_text(task_dir: Path) -> tuple[list[str], list[str]]:
+    """Class names and ``{c}`` templates of a classification task (clip_benchmark layout)."""
+    out = []
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        if not (task_dir / name).exists():
+            raise MissingTask(f"{task_dir / name} not found")
+        out.append([x.strip() for x in (task_dir / name).read_text(encoding="utf-8").splitlines() if x.strip()])
+    return out[0], out[1]
+
+
 def _image_features(model, preprocess, images, batch_size: int) -> torch.Tensor:
     feats = []
     with torch.no_grad():
@@ -52,12 +62,7 @@ def _image_features(model, preprocess, images, batch_size: int) -> torch.Tensor:
 def classify(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> dict:
     import open_clip
 
-    for need in ("classnames.txt", "zeroshot_classification_templates.txt"):
-        if not (task_dir / need).exists():
-            raise MissingTask(f"{task_dir / need} not found")
-    classnames = [c.strip() for c in (task_dir / "classnames.txt").read_text(encoding="utf-8").splitlines() if c.strip()]
-    templates = [t.strip() for t in (task_dir / "zeroshot_classification_templates.txt")
-                 .read_text(encoding="utf-8").splitlines() if t.strip()]
+    classnames, templates = read_zeroshot_text(task_dir)
     images, labels = [], []
     for img, cls in _load(task_dir, "cls"):
         images.append(img)
