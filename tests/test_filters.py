@@ -13,10 +13,13 @@ from winnow.pool.view import Pool
 
 
 class FakeBatch:
-    """A shard's metadata in memory (steps only use .meta / .column)."""
+    """A shard's metadata in memory (steps only use .arrow / .column)."""
 
     def __init__(self, **cols):
         self.meta = pa.table(cols)
+
+    def arrow(self, name):
+        return self.meta[name]
 
     def column(self, name):
         return self.meta[name].to_numpy(zero_copy_only=False)

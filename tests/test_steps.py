@@ -40,6 +40,9 @@ def test_text_regex_drops_file_names(demo_pool, tmp_path):
         def __init__(self, texts):
             import pyarrow as pa
             self.meta = pa.table({"text": texts})
+
+        def arrow(self, name):
+            return self.meta[name]
     texts = ["IMG_2041.jpg", "image", "DSC00123.JPG", "untitled-77", "photo", "123.png",
              "a photo of two red circles", "image of a red square on white"]
     assert step.keep(B(texts)).tolist() == [False] * 6 + [True, True]

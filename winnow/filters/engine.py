@@ -90,9 +90,9 @@ def probe_shards(recipe: Recipe, pool: Pool) -> tuple[Pool, list[dict]]:
         try:
             b = pool.batch(shard)
             n = len(b.column("uid"))
-            for k in keys:
-                if k in b.embedding_keys() and b.embedding(k).shape[0] != n:
-                    raise ShardError(f"shard {shard}: embedding '{k}' has {b.embedding(k).shape[0]} rows, metadata {n}")
+            for k in (k for k in keys if k in b.embedding_keys()):
+                if (rows := b.embedding_rows(k)) != n:
+                    raise ShardError(f"shard {shard}: embedding '{k}' has {rows} rows, metadata {n}")
         except (ShardError, KeyError, OSError, ValueError) as exc:
             if recipe.corrupt_shards == "fail":
                 raise ShardError(f"{exc} (set `corrupt_shards: quarantine` in the recipe to skip such shards)") from None
@@ -161,8 +161,8 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
     labels, steps = recipe.labels(), recipe.steps
     verdicts: dict[str, list[np.ndarray]] = {s: [] for s in pool.shards}
 
-    def alive(shard: str, upto: int | None = None) -> np.ndarray:
-        vs = verdicts[shard][:upto]
+    def alive(shard: str) -> np.ndarray:
+        vs = verdicts[shard]
         n = len(vs[0]) if vs else len(pool.batch(shard))
         m = np.ones(n, bool)
         for v in vs:

@@ -52,7 +52,7 @@ class CaptionLength(Step):
         return ["text"], []
 
     def keep(self, batch) -> np.ndarray:
-        text = pc.fill_null(batch.meta["text"], "")
+        text = pc.fill_null(batch.arrow("text"), "")
         chars = pc.utf8_length(text).to_numpy(zero_copy_only=False)
         trimmed = pc.utf8_trim_whitespace(text)
         words = pc.list_value_length(pc.split_pattern_regex(trimmed, r"\s+")).to_numpy(zero_copy_only=False)
@@ -74,7 +74,7 @@ class TextRegex(Step):
         return ["text"], []
 
     def keep(self, batch) -> np.ndarray:
-        text = pc.fill_null(batch.meta["text"], "")
+        text = pc.fill_null(batch.arrow("text"), "")
         drop = np.zeros(len(text), bool)
         if self.drop_pattern:
             drop |= pc.match_substring_regex(text, self.drop_pattern, ignore_case=True).to_numpy(zero_copy_only=False)

@@ -50,65 +50,92 @@ class Pool:
 
 @dataclass
 class ShardBatch:
-    """One shard's metadata, scores and embeddings; columns load on first use."""
+    """One shard's columns and embeddings, each read on first use and only that one: a step that
+    needs a score never pays for captions, urls or face boxes."""
     pool: Pool
     shard: str
-    _meta: pa.Table | None = None
-    _extra: pa.Table | None = None
+    _cols: dict = field(default_factory=dict)
     _emb: dict = field(default_factory=dict)
+    _npz: dict | None = None
+    _schema: list | None = None
 
-    @property
-    def meta(self) -> pa.Table:
-        if self._meta is None:
-            self._meta = shards.read_meta(self.pool.uri, self.shard)
-        return self._meta
-
-    @property
-    def extra(self) -> pa.Table | None:
-        """Columns the embed stage computed (scorer scores), row-aligned with ``meta``."""
-        if self._extra is None and self.pool.embed_uri:
-            p = local(self.pool.embed_uri) / f"{self.shard}.parquet"
-            self._extra = pq.read_table(p) if p.exists() else None
-        return self._extra
+    def _sources(self) -> list[tuple[str, object]]:
+        """(column names, parquet path) of the pool metadata, then the embed stage's scores."""
+        if self._schema is None:
+            srcs = [shards.path(self.pool.uri, self.shard, "parquet")]
+            if self.pool.embed_uri and (p := local(self.pool.embed_uri) / f"{self.shard}.parquet").exists():
+                srcs.append(p)
+            self._schema = []
+            for p in srcs:
+                try:
+                    f = pq.ParquetFile(p)
+                except FileNotFoundError:
+                    raise shards.ShardError(f"shard {self.shard}: metadata {p} is missing") from None
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise shards.ShardError(f"shard {self.shard}: cannot read {p}: {exc}") from None
+                self._schema.append((f.schema_arrow.names, p, f.metadata.num_rows))
+        return self._schema
 
     def __len__(self) -> int:
-        return self.meta.num_rows
+        return self._sources()[0][2]
 
     def columns(self) -> list[str]:
-        return list(self.meta.column_names) + (list(self.extra.column_names) if self.extra is not None else [])
+        return [c for names, _, _ in self._sources() for c in names]
+
+    def arrow(self, name: str) -> pa.ChunkedArray:
+        if name not in self._cols:
+            for names, p, _ in self._sources():
+                if name in names:
+                    try:
+                        self._cols[name] = pq.read_table(p, columns=[name])[name]
+                    except (pa.ArrowInvalid, OSError) as exc:
+                        raise shards.ShardError(f"shard {self.shard}: cannot read column {name} of {p}: {exc}") from None
+                    break
+            else:
+                raise KeyError(f"shard {self.shard}: no column '{name}' (available: {', '.join(self.columns())})")
+        return self._cols[name]
 
     def column(self, name: str) -> np.ndarray:
-        if name in self.meta.column_names:
-            return self.meta[name].to_numpy(zero_copy_only=False)
-        if self.extra is not None and name in self.extra.column_names:
-            return self.extra[name].to_numpy(zero_copy_only=False)
-        raise KeyError(f"shard {self.shard}: no column '{name}' (available: {', '.join(self.columns())})")
+        return self.arrow(name).to_numpy(zero_copy_only=False)
+
+    def _npz_sources(self) -> dict[str, object]:
+        """embedding key -> npz path (pool npz first, then the embed stage's), from the zip index only."""
+        if self._npz is None:
+            self._npz = {}
+            for src in [self.pool.uri] + ([self.pool.embed_uri] if self.pool.embed_uri else []):
+                p = shards.path(src, self.shard, "npz")
+                if p.exists():
+                    for k in _load_npz(p, self.shard):
+                        self._npz.setdefault(k, p)
+        return self._npz
+
+    def embedding_keys(self) -> list[str]:
+        return list(self._npz_sources())
+
+    def embedding_rows(self, key: str) -> int:
+        """Rows of an embedding array, read from its header without loading it."""
+        return _load_npz(self._npz_sources()[key], self.shard, key, header_only=True)
 
     def embedding(self, key: str) -> np.ndarray:
         if key not in self._emb:
-            sources = [self.pool.uri] + ([self.pool.embed_uri] if self.pool.embed_uri else [])
-            for src in sources:
-                p = shards.path(src, self.shard, "npz")
-                if p.exists():
-                    try:
-                        with np.load(p, allow_pickle=False) as z:
-                            if key in z.files:
-                                self._emb[key] = z[key].astype(np.float32)
-                                break
-                    except Exception as exc:   # zip/npy corruption surfaces as many types
-                        raise shards.ShardError(f"shard {self.shard}: cannot read {p}: {type(exc).__name__}: {exc}") from None
-            else:
+            if key not in self._npz_sources():
                 raise KeyError(f"shard {self.shard}: no embedding '{key}' (available: {', '.join(self.embedding_keys())})")
+            self._emb[key] = _load_npz(self._npz_sources()[key], self.shard, key)
         return self._emb[key]
 
-    def embedding_keys(self) -> list[str]:
-        keys = []
-        for src in [self.pool.uri] + ([self.pool.embed_uri] if self.pool.embed_uri else []):
-            p = shards.path(src, self.shard, "npz")
-            if p.exists():
-                try:
-                    with np.load(p, allow_pickle=False) as z:
-                        keys += list(z.files)
-                except Exception as exc:
-                    raise shards.ShardError(f"shard {self.shard}: cannot read {p}: {type(exc).__name__}: {exc}") from None
-        return keys
+
+def _load_npz(p, shard: str, key: str | None = None, header_only: bool = False):
+    """The keys of an npz (``key`` None), one array as float32, or its row count; any corruption
+    (zip, npy header, truncation) becomes a ShardError naming the shard."""
+    import zipfile
+
+    try:
+        if header_only:
+            with zipfile.ZipFile(p) as zf, zf.open(f"{key}.npy") as fh:
+                major, _ = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                return int(read(fh)[0][0])
+        with np.load(p, allow_pickle=False) as z:
+            return list(z.files) if key is None else z[key].astype(np.float32)
+    except Exception as exc:   # zip/npy corruption surfaces as many types
+        raise shards.ShardError(f"shard {shard}: cannot read {p}: {type(exc).__name__}: {exc}") from None
