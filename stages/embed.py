@@ -1,12 +1,20 @@
 """Stage `embed`: image, flipped-image and text embeddings of every pool shard from the scorer;
-undecodable images are quarantined and counted; gate: rows aligned, embeddings finite and unit."""
+undecodable images are quarantined and counted; gate: rows aligned, embeddings finite and unit.
+Shards are written to a work directory keyed by the scorer, the pool and the batch size first, so a
+killed run resumes without recomputing finished shards."""
+import hashlib
+import json
+import os
+import shutil
+
 import numpy as np
 import pandas as pd
+import torch
 
 from winnow import models
 from winnow.config import Params
 from winnow.embed import embed_pool, embed_targets
-from winnow.io import atomic_dir, read_json, write_json
+from winnow.io import atomic_dir, file_sha256, local, read_json, write_json
 from winnow.pool import shards
 from winnow.pool.view import Pool
 from winnow.stage import main
@@ -14,15 +22,40 @@ from winnow.tasks import load_suite
 from winnow.validate import Gate, expect
 
 OUT = "data/embed"
+WORK = ".winnow/work/embed"
+
+
+def work_dir(spec: dict, p: Params) -> str:
+    """Keyed by everything the shard outputs depend on; other keys' leftovers are removed."""
+    weights = spec["weights"]
+    wid = file_sha256(weights) if weights and os.path.exists(weights) else str(weights)
+    manifest = file_sha256(local("data/pool") / "manifest.json")
+    key = hashlib.sha256(json.dumps([spec["model"], wid, spec["name"], manifest, p.embed.batch_size]).encode()).hexdigest()[:16]
+    root = local(WORK)
+    for old in (root.iterdir() if root.exists() else []):
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
+    return str(root / key)
 
 
 def body(p: Params) -> dict:
     spec = read_json("models/scorer/scorer.json")
-    model, pre, tok = models.load(spec["model"], spec["weights"])
     pool = Pool.open("data/pool")
     name = spec["name"]
+    cuda = torch.cuda.device_count()
+    devices = p.embed.devices if p.embed.devices != "auto" else ([f"cuda:{i}" for i in range(cuda)] or ["cpu"])
+    compile_ = bool(cuda) if p.embed.compile == "auto" else p.embed.compile
+    work = work_dir(spec, p)
+    per_shard = embed_pool(pool, {"model": spec["model"], "weights": spec["weights"]}, work, name=name,
+                           batch_size=p.embed.batch_size, workers=p.embed.workers, devices=devices, compile=compile_)
+    model, pre, tok = models.load(spec["model"], spec["weights"])
     with atomic_dir(OUT) as tmp:
-        per_shard = embed_pool(pool, model, pre, tok, str(tmp), name=name, batch_size=p.embed.batch_size)
+        for f in local(work).iterdir():   # linked, not moved: a failed gate below keeps the finished shards
+            if not f.name.endswith(".done.json"):
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
         targets = embed_targets(load_suite(p.eval.suite), p.eval.data_root, model, pre, tok, str(tmp),
                                 batch_size=p.embed.batch_size)
         frames = []
@@ -54,7 +87,8 @@ def body(p: Params) -> dict:
                    "missing_images": int(sum(r["missing_images"] for r in per_shard)),
                    "keys": [f"{name}_img", f"{name}_img_flip", f"{name}_txt"], "scorer": spec,
                    "targets": targets}
-        write_json(tmp / "meta.json", summary | {"per_shard": per_shard})
+        write_json(tmp / "meta.json", summary | {"per_shard": per_shard, "devices": devices, "compile": compile_})
+    shutil.rmtree(work, ignore_errors=True)
     return {k: v for k, v in summary.items() if isinstance(v, int)}
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 
 from winnow import models, track
 from winnow.config import Params
-from winnow.io import atomic_dir, local, read_json, write_json
+from winnow.io import atomic_dir, file_sha256, local, read_json, write_json
 from winnow.pool import demo
 from winnow.scoring import scorer_quality
 from winnow.stage import main
@@ -28,7 +28,8 @@ def body(p: Params) -> dict:
             n = sum(read_json(str(t)[:-4] + "_stats.json")["count"] for t in trusted)
             r = train_clip(data="::".join(map(str, trusted)), model=s.model, samples_seen=n * s.epochs,
                            batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, wd=0.1, beta2=0.98,
-                           checkpoints=2, out_dir=tmp, seed=p.seed)
+                           checkpoints=2, out_dir=tmp, seed=p.seed, work_dir=".winnow/work/scorer",
+                           data_id="".join(file_sha256(t) for t in trusted))
             ok, why = loss_is_healthy(r["curve"])
             gate.check("training", pd.DataFrame([{"run": "scorer", "healthy": ok, "why": why}]),
                        [E.ExpectColumnValuesToBeInSet(column="healthy", value_set=[True])], id_column="why")

@@ -26,10 +26,10 @@ def test_embed_quarantines_bad_images_and_keeps_rows_aligned(demo_pool, tmp_path
     pool_dir = tmp_path / "pool"
     shutil.copytree(demo_pool, pool_dir)
     bad_uid = corrupt_first_image(pool_dir)
-    model, pre, tok = models.load("winnow-tiny", None)   # random weights: alignment, not quality
     pool = Pool.open(str(pool_dir))
     out = tmp_path / "embed"
-    res = embed_pool(pool, model, pre, tok, str(out), batch_size=64)
+    # random weights (alignment, not quality); one decode worker process
+    res = embed_pool(pool, {"model": "winnow-tiny", "weights": None}, str(out), batch_size=64, workers=1)
     assert res[0]["corrupt_images"] == 1 and res[0]["missing_images"] == 1 and res[0]["embedded"] == 198
     df = pd.read_parquet(out / "00000000.parquet")
     meta = shards.read_meta(str(pool_dir), "00000000").to_pandas()
@@ -57,3 +57,80 @@ def test_pretrained_tag_without_weights_fails_clearly():
 
     with pytest.raises(models.ModelError, match="not cached"):
         models.load("ViT-B-32", "laion2b_s34b_b79k")
+
+
+def _random_checkpoint(path):
+    import torch
+
+    torch.manual_seed(0)
+    model, _, _ = models.load("winnow-tiny", None)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return {"model": "winnow-tiny", "weights": str(path)}
+
+
+def _outputs(out):
+    res = {}
+    for p in sorted(out.glob("*.parquet")):
+        res[p.name] = pd.read_parquet(p)
+        for k, v in shards.read_npz(str(out), p.stem).items():
+            res[f"{p.stem}:{k}"] = v
+    return res
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], pd.DataFrame):
+            pd.testing.assert_frame_equal(a[k], b[k])
+        else:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_embed_resumes_per_shard_and_splits_over_devices(demo_pool, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, env_for_subprocess
+
+    spec = _random_checkpoint(tmp_path / "ckpt.pt")
+    pool = Pool.open(str(demo_pool))
+    ref = tmp_path / "ref"
+    embed_pool(pool, spec, ref, batch_size=64, workers=0)
+    reference = _outputs(ref)
+    assert len(list(ref.glob("*.done.json"))) == 3
+
+    # killed mid-run (SIGKILL after the first shard is marked done), then resumed
+    out = tmp_path / "killed"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from winnow.embed import embed_pool\nfrom winnow.pool.view import Pool\n"
+              f"embed_pool(Pool.open({str(demo_pool)!r}), {spec!r}, {str(out)!r}, batch_size=64, workers=1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env_for_subprocess())
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.done.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*")}
+    assert 1 <= len([n for n in finished if n.endswith(".done.json")]) < 3, "killed too late"
+    res = embed_pool(pool, spec, out, batch_size=64, workers=0)
+    assert [r["shard"] for r in res] == pool.shards
+    for name, mtime in finished.items():            # finished shards were not recomputed
+        if name.endswith(".done.json"):
+            stem = name[: -len(".done.json")]
+            for ext in (".npz", ".parquet", ".done.json"):
+                assert (out / f"{stem}{ext}").stat().st_mtime_ns == finished[f"{stem}{ext}"]
+    _same(_outputs(out), reference)                  # identical to the uninterrupted run
+
+    # a partial shard (outputs without its marker) is redone
+    os.remove(ref / "00000001.done.json")
+    (ref / "00000001.npz").write_bytes(b"half written")
+    embed_pool(pool, spec, ref, batch_size=64, workers=0)
+    _same(_outputs(ref), reference)
+
+    # two device processes (cpu, cpu), each every 2nd shard: the same outputs
+    split = tmp_path / "split"
+    embed_pool(pool, spec, split, batch_size=64, workers=0, devices=["cpu", "cpu"])
+    _same(_outputs(split), reference)

@@ -1,6 +1,8 @@
 """``python -m winnow run``: the whole pipeline through ``dvc repro`` under one MLflow parent run.
 ``python -m winnow check``: validate params.yaml and the recipe without running anything.
-``python -m winnow compare``: MLflow runs side by side (reports/compare/runs.md)."""
+``python -m winnow compare``: MLflow runs side by side (reports/compare/runs.md).
+``python -m winnow sweep``: recipes x seeds as DVC experiments (reports/compare/demo.md).
+``python -m winnow launch``: the torchrun command of a scale preset for a GPU cluster."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from winnow.io import read_json
 
 
 def _check() -> int:
@@ -76,9 +80,36 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="validate params.yaml, the recipe and the suite")
     cmp = sub.add_parser("compare", help="MLflow runs side by side -> reports/compare/runs.md")
     cmp.add_argument("--limit", type=int, default=50)
+    lau = sub.add_parser("launch", help="print the torchrun command of a scale preset for N nodes x G GPUs")
+    lau.add_argument("--scale", required=True)
+    lau.add_argument("--data", default="data/subset/{00000000..00000099}.tar", help="webdataset shards (brace pattern)")
+    lau.add_argument("--nodes", type=int, default=1)
+    lau.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    lau.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    lau.add_argument("--seed", type=int, default=0)
+    lau.add_argument("--logs", default="logs")
+    swp = sub.add_parser("sweep", help="recipes x seeds as DVC experiments -> reports/compare/demo.md")
+    swp.add_argument("--recipes", default="no_filter,basic,clip_score_top30,devil_in_details")
+    swp.add_argument("--seeds", default="0,1,2")
+    swp.add_argument("--scale", default="tiny")
+    swp.add_argument("--table-only", action="store_true", help="rebuild the table from the saved results")
     args, extra = ap.parse_known_args(argv)
+    if args.cmd == "sweep":
+        from winnow import sweep
+
+        if args.table_only:
+            rows = [read_json(p) for p in sorted(sweep.RESULTS.glob("*.json"))]
+            print(sweep.write_table(rows))
+            return 0
+        return sweep.main(args.recipes.split(","), [int(x) for x in args.seeds.split(",")], args.scale)
     if args.cmd == "compare":
         return _compare(args.limit)
+    if args.cmd == "launch":
+        from winnow.launch import launch_command
+
+        print(launch_command(args.scale, args.data, nodes=args.nodes, gpus_per_node=args.gpus, accum=args.accum,
+                             logs=args.logs, seed=args.seed))
+        return 0
     return _run(extra) if args.cmd == "run" else _check()
 
 

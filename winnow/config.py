@@ -65,6 +65,9 @@ class Scorer(Section):
 
 class Embed(Section):
     batch_size: int = Field(256, ge=1)
+    workers: int = Field(1, ge=0)          # DataLoader processes decoding and preprocessing shards
+    devices: list[str] | Literal["auto"] = "auto"   # auto: every CUDA device, else cpu; several: one process each
+    compile: bool | Literal["auto"] = "auto"        # torch.compile the image tower; auto: on CUDA only
 
 
 class Filter(Section):

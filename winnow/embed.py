@@ -1,4 +1,4 @@
-"""Per-shard image, flipped-image and text embeddings from the scoring CLIP.
+"""Per-shard image, flipped-image and text embeddings from the scoring CLIP, as a streaming job.
 
 For each pool shard writes ``<out>/{n:08d}.npz`` (row i <-> parquet row i):
 ``<name>_img``, ``<name>_img_flip``, ``<name>_txt`` (L2-normalised, float16), and
@@ -6,16 +6,28 @@ For each pool shard writes ``<out>/{n:08d}.npz`` (row i <-> parquet row i):
 ``<name>_flip_score`` (the same on the horizontally flipped image) and ``image_ok``.
 An image that does not decode, or a uid with no image, is quarantined: NaN embeddings,
 ``image_ok = False``, counted in the summary — never a crash, never silently dropped.
+
+Streaming: shards are read, decoded, preprocessed (original and mirrored) and tokenised in
+DataLoader worker processes while the model encodes the previous batch; on a GPU, batches are pinned
+and copied asynchronously, the model runs in bf16 autocast, channels-last, optionally
+``torch.compile``d. Resumable: a shard's outputs are written to the work directory and its
+``.done.json`` marker last, so a re-run skips finished shards and redoes a partial one. Several
+devices split the shard list, one process per device.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
-from winnow.io import atomic_file
+from winnow.io import atomic_file, write_json
 from winnow.pool import shards
 from winnow.pool.view import Pool
 
@@ -29,56 +41,167 @@ def _encode(model, fn, batches) -> np.ndarray:
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def embed_shard(pool: Pool, shard: str, model, preprocess, tokenizer, out: str, name: str,
-                batch_size: int) -> dict:
-    meta = shards.read_meta(pool.uri, shard, columns=["uid", "text"])
-    uids = meta["uid"].to_pylist()
-    texts = meta["text"].to_pylist()
-    row_of = {u: i for i, u in enumerate(uids)}
-    images: dict[int, object] = {}
-    corrupt, unknown = [], []
-    for s in shards.iter_tar(pool.uri, shard):
-        uid = s["json"].get("uid")
-        i = row_of.get(uid)
-        if i is None:
-            unknown.append(s["__key__"])
-            continue
-        try:
-            images[i] = shards.decode_image(s["jpg"] or b"")
-        except ValueError:
-            corrupt.append(uid)
+class ShardStream(torch.utils.data.IterableDataset):
+    """Items per shard, produced in worker processes (each worker takes every n-th shard):
+    ``("start", shard, info)`` with uids, tokens and quarantine counts, then
+    ``("images", shard, rows, x, x_flipped)`` per batch, then ``("end", shard, None)``."""
+
+    def __init__(self, pool_uri: str, shard_list: list[str], preprocess, tokenizer, batch_size: int):
+        self.pool_uri, self.shards = pool_uri, shard_list
+        self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        for shard in mine:
+            yield from self._shard(shard)
+
+    def _shard(self, shard: str):
+        meta = shards.read_meta(self.pool_uri, shard, columns=["uid", "text"])
+        uids = meta["uid"].to_pylist()
+        texts = [t if isinstance(t, str) else "" for t in meta["text"].to_pylist()]
+        row_of = {u: i for i, u in enumerate(uids)}
+        images: dict[int, object] = {}
+        corrupt, unknown = [], []
+        for s in shards.iter_tar(self.pool_uri, shard):
+            i = row_of.get(s["json"].get("uid"))
+            if i is None:
+                unknown.append(s["__key__"])
+                continue
+            try:
+                images[i] = shards.decode_image(s["jpg"] or b"")
+            except ValueError:
+                corrupt.append(uids[i])
+        yield ("start", shard, {"uids": uids, "tokens": self.tokenizer(texts) if texts else None,
+                                "rows_with_image": sorted(images), "corrupt": corrupt, "unknown": len(unknown)})
+        rows = sorted(images)
+        for k in range(0, len(rows), self.batch_size):
+            chunk = rows[k: k + self.batch_size]
+            x = torch.stack([self.preprocess(images[r]) for r in chunk])
+            xf = torch.stack([self.preprocess(ImageOps.mirror(images[r])) for r in chunk])
+            yield ("images", shard, torch.tensor(chunk), x, xf)
+        yield ("end", shard, None)
+
+
+class Encoder:
+    """The model's encoders on one device: bf16 autocast, channels-last and optional torch.compile
+    on CUDA; plain fp32 on CPU."""
+
+    def __init__(self, model, device: str = "cpu", compile: bool = False):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.model = model.to(self.device).eval()
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.image_fn = torch.compile(self.model.encode_image) if compile else self.model.encode_image
+        self.text_fn = self.model.encode_text
+
+    def _ctx(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def images(self, x: torch.Tensor) -> np.ndarray:
+        x = x.to(self.device, non_blocking=True)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._ctx():
+            f = self.image_fn(x)
+        return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def texts(self, tokens: torch.Tensor, batch_size: int) -> np.ndarray:
+        outs = []
+        for k in range(0, len(tokens), batch_size):
+            with self._ctx():
+                f = self.text_fn(tokens[k: k + batch_size].to(self.device, non_blocking=True))
+            outs.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy())
+        return np.concatenate(outs)
+
+
+def _finish_shard(state: dict, enc: Encoder, out: Path, shard: str, name: str, batch_size: int) -> dict:
+    info = state["info"]
+    uids = info["uids"]
     n = len(uids)
-    ok = np.zeros(n, bool)
-    ok[list(images)] = True
-    rows = sorted(images)
-    tchunks = [texts[i: i + batch_size] for i in range(0, n, batch_size)]
-    txt = _encode(model, model.encode_text, (tokenizer(c) for c in tchunks))
+    txt = enc.texts(info["tokens"], batch_size) if n else np.zeros((0, 0), np.float32)
     img = np.full_like(txt, np.nan)
     flip = img.copy()
-    chunks = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
-    if rows:
-        img[rows] = _encode(model, model.encode_image,
-                            (torch.stack([preprocess(images[r]) for r in c]) for c in chunks))
-        flip[rows] = _encode(model, model.encode_image,
-                             (torch.stack([preprocess(ImageOps.mirror(images[r])) for r in c]) for c in chunks))
+    for rows, a, b in state["parts"]:
+        img[rows], flip[rows] = a, b
+    ok = np.zeros(n, bool)
+    ok[info["rows_with_image"]] = True
     score = np.einsum("nd,nd->n", img, txt)
     flip_score = np.einsum("nd,nd->n", flip, txt)
-    shards.write_npz(out, shard, {f"{name}_img": img, f"{name}_img_flip": flip, f"{name}_txt": txt})
+    shards.write_npz(str(out), shard, {f"{name}_img": img, f"{name}_img_flip": flip, f"{name}_txt": txt})
     table = pa.table({"uid": uids, f"{name}_score": score.astype(np.float32),
                       f"{name}_flip_score": flip_score.astype(np.float32), "image_ok": ok})
-    import pyarrow.parquet as pq
-
-    with atomic_file(shards.path(out, shard, "parquet")) as tmp:
+    with atomic_file(shards.path(str(out), shard, "parquet")) as tmp:
         pq.write_table(table, tmp)
-    return {"shard": shard, "rows": n, "embedded": int(ok.sum()), "corrupt_images": len(corrupt),
-            "missing_images": int(n - ok.sum() - len(corrupt)), "unknown_tar_members": len(unknown),
-            "corrupt_uids": corrupt[:5]}
+    stats = {"shard": shard, "rows": n, "embedded": int(ok.sum()), "corrupt_images": len(info["corrupt"]),
+             "missing_images": int(n - ok.sum() - len(info["corrupt"])), "unknown_tar_members": info["unknown"],
+             "corrupt_uids": info["corrupt"][:5]}
+    write_json(out / f"{shard}.done.json", stats)     # last: the shard is complete
+    return stats
 
 
-def embed_pool(pool: Pool, model, preprocess, tokenizer, out: str, name: str = "scorer",
-               batch_size: int = 256) -> list[dict]:
-    return [embed_shard(pool, s, model, preprocess, tokenizer, out, name, batch_size)
-            for s in tqdm(pool.shards, desc="embed shards", unit="shard")]
+def done_shards(out: str | Path) -> dict[str, dict]:
+    return {p.name[: -len(".done.json")]: json.loads(p.read_text()) for p in Path(out).glob("*.done.json")}
+
+
+def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer, out: str | Path,
+                 name: str = "scorer", batch_size: int = 256, workers: int = 1, device: str = "cpu",
+                 compile: bool = False, progress: str = "embed shards") -> list[dict]:
+    """Embed ``shard_list`` into ``out``, skipping shards already marked done there."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = done_shards(out)
+    todo = [s for s in shard_list if s not in done]
+    enc = Encoder(model, device, compile)
+    stream = ShardStream(pool.uri, todo, preprocess, tokenizer, batch_size)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(workers, len(todo)),
+                                         pin_memory=enc.cuda, prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    states: dict[str, dict] = {}
+    bar = tqdm(total=len(shard_list), initial=len(shard_list) - len(todo), desc=progress, unit="shard")
+    for kind, shard, *rest in (loader if todo else []):
+        if kind == "start":
+            states[shard] = {"info": rest[0], "parts": []}
+        elif kind == "images":
+            rows, x, xf = rest
+            f = enc.images(torch.cat([x, xf]))     # original and mirrored in one forward pass
+            states[shard]["parts"].append((rows.numpy(), f[: len(rows)], f[len(rows):]))
+        else:
+            done[shard] = _finish_shard(states.pop(shard), enc, out, shard, name, batch_size)
+            bar.update(1)
+    bar.close()
+    return [done[s] for s in shard_list]
+
+
+def _device_worker(rank: int, devices: list[str], pool: Pool, model_spec: dict, out: str, kw: dict) -> None:
+    from winnow import models
+
+    model, pre, tok = models.load(model_spec["model"], model_spec.get("weights"))
+    embed_shards(pool, pool.shards[rank::len(devices)], model, pre, tok, out, device=devices[rank],
+                 progress=f"embed on {devices[rank]} (rank {rank})", **kw)
+
+
+def embed_pool(pool: Pool, model_spec: dict, out: str | Path, name: str = "scorer", batch_size: int = 256,
+               workers: int = 1, devices: list[str] | None = None, compile: bool = False) -> list[dict]:
+    """Embed every shard of the pool with the model ``{"model": arch, "weights": tag|path|None}``.
+    One device: in this process. Several: one spawned process per device, each taking every n-th
+    shard (the outputs are per shard, so they do not depend on the split)."""
+    from winnow import models
+
+    devices = devices or ["cpu"]
+    kw = {"name": name, "batch_size": batch_size, "workers": workers, "compile": compile}
+    if len(devices) == 1:
+        model, pre, tok = models.load(model_spec["model"], model_spec.get("weights"))
+        return embed_shards(pool, pool.shards, model, pre, tok, out, device=devices[0], **kw)
+    torch.multiprocessing.spawn(_device_worker, args=(devices, pool, model_spec, str(out), kw), nprocs=len(devices))
+    done = done_shards(out)
+    missing = [s for s in pool.shards if s not in done]
+    if missing:
+        raise RuntimeError(f"embed: shards not finished by the device processes: {missing[:5]}")
+    return [done[s] for s in pool.shards]
 
 
 def embed_targets(suite, data_root: str, model, preprocess, tokenizer, out: str, batch_size: int = 256) -> dict:
@@ -86,19 +209,18 @@ def embed_targets(suite, data_root: str, model, preprocess, tokenizer, out: str,
     *training* data, class names and templates, never test images): ``img:<task>`` for each task's
     train split images, ``txt:<task>`` for class names x templates (mean per class) or the train
     split's captions. Written to ``<out>/targets.npz``."""
-    from winnow.evaluate import MissingTask, _load, read_zeroshot_text
+    from winnow.evaluate import MissingTask, _image, _samples, read_zeroshot_text
     from winnow.io import local
 
     arrays, counts = {}, {}
     for task in suite.tasks:
         task_dir = local(data_root) / task.key
-        label = "cls" if task.type == "zeroshot_classification" else "txt"
         try:
-            items = list(_load(task_dir, label, split="train"))
+            items = list(_samples(task_dir, "train")) if task.type != "association" else []
         except MissingTask:
             items = []
         if items:
-            imgs = [im for im, _ in items]
+            imgs = [_image(s) for s in items]
             arrays[f"img:{task.key}"] = _encode(model, model.encode_image, (
                 torch.stack([preprocess(im) for im in imgs[i: i + batch_size]]) for i in range(0, len(imgs), batch_size)))
         prompts: list[list[str]] = []
@@ -106,7 +228,7 @@ def embed_targets(suite, data_root: str, model, preprocess, tokenizer, out: str,
             names, templates = read_zeroshot_text(task_dir)
             prompts = [[t.format(c=c) for t in templates] for c in names]
         elif items:
-            prompts = [[c] for _, txt in items for c in (txt if isinstance(txt, str) else txt.decode()).split("\n") if c]
+            prompts = [[c] for s in items if "txt" in s for c in s["txt"].split("\n") if c]
         if prompts:
             flat = [p for group in prompts for p in group]
             e = _encode(model, model.encode_text, (tokenizer(flat[i: i + batch_size]) for i in range(0, len(flat), batch_size)))

@@ -1,8 +1,9 @@
 """Zero-shot evaluation on a task suite stored in the DataComp / clip_benchmark webdataset layout.
 
-Classification: a zero-shot head from class names x templates (open_clip's builder), metrics
-acc1, acc5 and mean per-class recall. Retrieval: recall@k both ways; the main metric is
-mean_recall@1, as DataComp reports it. Results append per task to ``results.jsonl``; a re-run
+Classification: a zero-shot head from class names x templates (open_clip's builder); metrics in
+winnow.metrics (acc1/acc5, mean per-class recall, macro F1, worst-group accuracy from ``.npy``
+metadata). Retrieval: recall@k both ways; the main metric is mean_recall@1, as DataComp reports it.
+Association (WinoGAViL): Jaccard of the top candidates. Results append per task to ``results.jsonl``; a re-run
 skips tasks already there. A task whose data is absent is reported missing, never scored zero.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from winnow import metrics as M
 from winnow.io import atomic_file, local
 from winnow.tasks import Suite
 
@@ -33,11 +35,18 @@ def _split_urls(task_dir: Path, split: str = "test") -> str:
     return str(task_dir / split / "0.tar") if n == 1 else f"{task_dir / split}/{{0..{n - 1}}}.tar"
 
 
-def _load(task_dir: Path, label_key: str, split: str = "test"):
+def _samples(task_dir: Path, split: str = "test"):
+    """Decoded webdataset samples (dicts keyed by member suffix) of one split."""
     import webdataset as wds
 
-    ds = wds.WebDataset(_split_urls(task_dir, split), shardshuffle=False).decode("pil")
-    return ds.to_tuple("jpg;png;jpeg;webp", label_key)
+    return wds.WebDataset(_split_urls(task_dir, split), shardshuffle=False).decode("pil")
+
+
+def _image(sample: dict):
+    for k in ("jpg", "png", "jpeg", "webp"):
+        if k in sample:
+            return sample[k]
+    raise MissingTask(f"sample {sample.get('__key__')} has no image")
 
 
 def read_zeroshot_text(task_dir: Path) -> tuple[list[str], list[str]]:
@@ -59,14 +68,20 @@ def _image_features(model, preprocess, images, batch_size: int) -> torch.Tensor:
     return torch.cat(feats)
 
 
-def classify(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> dict:
+def classify(model, preprocess, tokenizer, task_dir: Path, batch_size: int, groups=None) -> dict:
+    """Zero-shot classification; with ``groups`` (a tasks.Groups), worst-group accuracy from each
+    sample's ``.npy`` metadata row."""
     import open_clip
 
     classnames, templates = read_zeroshot_text(task_dir)
-    images, labels = [], []
-    for img, cls in _load(task_dir, "cls"):
-        images.append(img)
-        labels.append(int(cls))
+    images, labels, meta = [], [], []
+    for sample in _samples(task_dir):
+        images.append(_image(sample))
+        labels.append(int(sample["cls"]))
+        if groups is not None:
+            if "npy" not in sample:
+                raise MissingTask(f"{task_dir}: sample {sample['__key__']} has no .npy metadata for worst-group accuracy")
+            meta.append(int(np.asarray(sample["npy"]).reshape(-1)[groups.field]))
     if not images:
         raise MissingTask(f"{task_dir}: test split is empty")
     with torch.no_grad():
@@ -74,18 +89,36 @@ def classify(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> d
             model, tokenizer=tokenizer, classnames=classnames,
             templates=[(lambda c, t=t: t.format(c=c)) for t in templates],
             num_classes_per_batch=16, device="cpu", use_tqdm=False)
-    logits = _image_features(model, preprocess, images, batch_size) @ head.float()
-    y = torch.tensor(labels)
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    pred = top[:, 0]
-    recalls = [float((pred[y == c] == c).float().mean()) for c in range(len(classnames)) if (y == c).any()]
-    return {"acc1": float((pred == y).float().mean()), "acc5": float((top == y[:, None]).any(1).float().mean()),
-            "mean_per_class_recall": float(np.mean(recalls)), "n": len(labels), "classes": len(classnames)}
+    logits = (_image_features(model, preprocess, images, batch_size) @ head.float()).numpy()
+    out = M.classification_metrics(logits, np.array(labels), np.array(meta) if groups is not None else None,
+                                   groups.exclude if groups else (), groups.suffix if groups else "wg")
+    return out | {"n": len(labels), "classes": len(classnames)}
+
+
+def associate(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> dict:
+    """WinoGAViL: per sample a ``json`` {cue, candidates, associations} and candidate images
+    ``<i>.jpg``; the cue is prompted as DataComp does ("A/An <cue>")."""
+    scores, truths = [], []
+    with torch.no_grad():
+        for sample in _samples(task_dir):
+            spec = sample["json"]
+            cands = spec["candidates"]
+            imgs = [sample[f"{i}.jpg"] for i in range(len(cands))]
+            cue = spec["cue"].lower()
+            prompt = f"{'An' if cue[:1] in 'aeiou' else 'A'} {cue}"
+            txt = torch.nn.functional.normalize(model.encode_text(tokenizer([prompt])).float(), dim=-1)
+            img = _image_features(model, preprocess, imgs, batch_size)
+            scores.append((txt @ img.T).squeeze(0).numpy())
+            truths.append(np.isin(cands, spec["associations"]))
+    if not scores:
+        raise MissingTask(f"{task_dir}: test split is empty")
+    return M.winogavil_metrics(scores, truths)
 
 
 def retrieve(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> dict:
     images, captions, owner = [], [], []
-    for img, txt in _load(task_dir, "txt"):
+    for sample in _samples(task_dir):
+        img, txt = _image(sample), sample["txt"]
         caps = [c for c in (txt if isinstance(txt, str) else txt.decode()).split("\n") if c.strip()]
         owner += [len(images)] * len(caps)
         captions += caps
@@ -111,15 +144,19 @@ def retrieve(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> d
 
 
 def evaluate_suite(model, preprocess, tokenizer, suite: Suite, data_root: str, results_path: str,
-                   batch_size: int = 128) -> list[dict]:
-    """Evaluate every task not already in ``results_path``; append one JSON line per task."""
+                   batch_size: int = 128, model_id: str = "") -> list[dict]:
+    """Evaluate every task not already in ``results_path`` for this ``model_id``; append one JSON
+    line per finished task, so a killed evaluation resumes. Lines of another model are dropped."""
     path = local(results_path)
     done = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 r = json.loads(line)
-                done[r["key"]] = r
+                if r.get("model_id", "") == model_id:
+                    done[r["key"]] = r
+        with atomic_file(path) as tmp:
+            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
     rows = []
     for task in tqdm(suite.tasks, desc="evaluate", unit="task"):
         if task.key in done:
@@ -127,10 +164,13 @@ def evaluate_suite(model, preprocess, tokenizer, suite: Suite, data_root: str, r
             continue
         task_dir = local(data_root) / task.key
         try:
-            fn = classify if task.type == "zeroshot_classification" else retrieve
-            metrics = fn(model, preprocess, tokenizer, task_dir, batch_size)
+            if task.type == "zeroshot_classification":
+                metrics = classify(model, preprocess, tokenizer, task_dir, batch_size, task.groups)
+            else:
+                fn = retrieve if task.type == "retrieval" else associate
+                metrics = fn(model, preprocess, tokenizer, task_dir, batch_size)
             row = {"key": task.key, "name": task.name, "group": task.group, "main_metric": task.main_metric,
-                   "main": metrics.get(task.main_metric), "metrics": metrics, "status": "ok"}
+                   "main": metrics.get(task.main_metric), "metrics": metrics, "status": "ok", "model_id": model_id}
             if task.main_metric and task.main_metric not in metrics:   # never a silent gap in the average
                 row.update(status="unsupported_metric", reason=f"main metric {task.main_metric} is not computed yet")
         except MissingTask as exc:

@@ -70,3 +70,14 @@ def write_json(uri: str | os.PathLike, obj) -> None:
 
 def read_json(uri: str | os.PathLike):
     return json.loads(local(uri).read_text(encoding="utf-8"))
+
+
+def file_sha256(uri: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(local(uri), "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

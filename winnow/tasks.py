@@ -23,16 +23,28 @@ from winnow.pool import shards, world
 from winnow.pool.world import Scene
 
 
+class Groups(BaseModel):
+    """Worst-group accuracy: each test sample's ``.npy`` metadata row (DataComp / WILDS layout) is
+    grouped by column ``field``; ``exclude`` group ids do not count; metrics are named
+    ``acc_<suffix>`` and ``acc_top5_<suffix>``."""
+    model_config = ConfigDict(extra="forbid")
+    field: int = 0
+    exclude: list[int] = []
+    suffix: str = "wg"
+
+
 class Task(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str
     name: str
-    type: Literal["zeroshot_classification", "retrieval"]
+    # association: WinoGAViL (a cue, 5-12 candidate images, the associated subset)
+    type: Literal["zeroshot_classification", "retrieval", "association"]
     main_metric: str | None
     group: str
     random_score: float | None = None
     size: int | None = None
     source: str | None = None     # where the real set comes from (HF dataset id), for users with network
+    groups: Groups | None = None
     demo: dict | None = None
 
 
@@ -42,9 +54,9 @@ class Suite(BaseModel):
 
 
 def load_suite(name: str) -> Suite:
-    p = CONFIGS / "suites" / f"{name}.yaml"
+    p = CONFIGS / "tasks" / f"{name}.yaml"
     if not p.exists():
-        valid = sorted(x.stem for x in (CONFIGS / "suites").glob("*.yaml"))
+        valid = sorted(x.stem for x in (CONFIGS / "tasks").glob("*.yaml"))
         raise ValueError(f"unknown eval.suite '{name}' (valid: {', '.join(valid)})")
     return validate_model(Suite, load_yaml(p), str(p))
 

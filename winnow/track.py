@@ -105,3 +105,10 @@ def log_artifact(path: str) -> None:
 
     if os.path.exists(path):
         mlflow.log_artifact(path)
+
+
+def log_table(df, artifact_file: str) -> None:
+    """A table artifact of the active run (MLflow's table view)."""
+    import mlflow
+
+    mlflow.log_table(df, artifact_file=artifact_file)

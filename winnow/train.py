@@ -6,9 +6,12 @@ trains the evaluated model on the filtered subset. Samples seen is the budget: o
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,26 +26,55 @@ class TrainError(RuntimeError):
     pass
 
 
+def samples_per_checkpoint(samples_seen: int, global_batch: int, checkpoints: int) -> int:
+    return max(global_batch, samples_seen // checkpoints)
+
+
+def open_clip_args(*, data: str, model: str, samples_seen: int, global_batch: int, lr: float, warmup: int,
+                   wd: float, beta2: float, checkpoints: int, seed: int = 0, workers: int = 0,
+                   precision: str = "amp_bf16", world_size: int = 1, accum: int = 1) -> list[str]:
+    """open_clip_train arguments for a samples-seen budget: ``checkpoints`` "epochs" of
+    samples_seen / checkpoints samples, drawn with resampling; per-GPU batch = global batch /
+    (world size x gradient accumulation), as DataComp's launch scripts set it."""
+    if global_batch % (world_size * accum):
+        raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size} x accum {accum}")
+    return [
+        "--train-data", data, "--dataset-type", "webdataset", "--dataset-resampled",
+        "--train-num-samples", str(samples_per_checkpoint(samples_seen, global_batch, checkpoints)),
+        "--epochs", str(checkpoints), "--batch-size", str(global_batch // (world_size * accum)),
+        "--accum-freq", str(accum), "--lr", str(lr), "--warmup", str(warmup), "--wd", str(wd),
+        "--beta2", str(beta2), "--model", model, "--seed", str(seed), "--workers", str(workers),
+        "--precision", precision, "--save-frequency", "1", "--save-most-recent", "--resume", "latest",
+        "--report-to", "",
+    ]
+
+
 def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr: float, warmup: int,
-               wd: float, beta2: float, checkpoints: int, out_dir: str | Path, seed: int = 0,
-               workers: int = 0) -> dict:
-    """Train and write ``out_dir/checkpoint.pt`` (state_dict only). Returns the loss curve."""
+               wd: float, beta2: float, checkpoints: int, out_dir: str | Path, work_dir: str | Path,
+               data_id: str, seed: int = 0, workers: int = 0) -> dict:
+    """Train and write ``out_dir/checkpoint.pt`` (state_dict only). Returns the loss curve.
+
+    open_clip_train's logs and checkpoints live in ``work_dir/<key>``, where the key hashes the
+    arguments and ``data_id`` (what identifies the training data): a killed run resumes from its
+    latest checkpoint when called again with the same inputs; other keys' leftovers are removed, and
+    the work directory goes once the checkpoint is written.
+    """
     from open_clip_train.main import main as open_clip_train_main
 
     register_configs()
     out = Path(out_dir)
-    logs = out / "logs"
-    per_epoch = max(batch_size, samples_seen // checkpoints)
-    gpu = torch.cuda.is_available()
-    args = [
-        "--train-data", data, "--dataset-type", "webdataset", "--dataset-resampled",
-        "--train-num-samples", str(per_epoch), "--epochs", str(checkpoints),
-        "--batch-size", str(batch_size), "--lr", str(lr), "--warmup", str(warmup), "--wd", str(wd),
-        "--beta2", str(beta2), "--model", model, "--seed", str(seed), "--workers", str(workers),
-        "--precision", "amp_bf16" if gpu else "fp32", "--logs", str(logs), "--name", "run",
-        "--save-frequency", "1", "--save-most-recent", "--resume", "latest",
-        "--log-every-n-steps", "1", "--report-to", "",
-    ]
+    args = open_clip_args(data=data, model=model, samples_seen=samples_seen, global_batch=batch_size, lr=lr,
+                          warmup=warmup, wd=wd, beta2=beta2, checkpoints=checkpoints, seed=seed, workers=workers,
+                          precision="amp_bf16" if torch.cuda.is_available() else "fp32")
+    args += ["--log-every-n-steps", "1"]
+    per_epoch = samples_per_checkpoint(samples_seen, batch_size, checkpoints)
+    key = hashlib.sha256(json.dumps({"args": args, "data": data_id}).encode()).hexdigest()[:16]
+    work = Path(work_dir)
+    for old in (work.glob("*") if work.exists() else []):
+        if old.name != key:     # a run with other inputs: it will never be resumed
+            shutil.rmtree(old, ignore_errors=True)
+    logs = work / key
+    args += ["--logs", str(logs), "--name", "run"]
     root = logging.getLogger()
     handlers = list(root.handlers)
     levels = {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
@@ -65,21 +97,26 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     sd = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
     torch.save({"state_dict": sd, "model": model, "epoch": state.get("epoch")}, out / "checkpoint.pt")
-    curve = parse_log(logs / "run" / "out.log", per_epoch)
+    log_text = (logs / "run" / "out.log").read_text(encoding="utf-8", errors="replace")
+    curve = parse_log(log_text, per_epoch)
+    resumed = [int(m) for m in re.findall(r"=> resuming checkpoint .*\(epoch (\d+)\)", log_text)]
+    shutil.copyfile(logs / "run" / "out.log", out / "train.log")
+    shutil.rmtree(logs, ignore_errors=True)
     return {"checkpoint": str(out / "checkpoint.pt"), "curve": curve, "steps": len(curve),
-            "samples_per_epoch": per_epoch}
+            "samples_per_epoch": per_epoch, "resumed_from_epochs": resumed}
 
 
-def parse_log(path: Path, per_epoch: int) -> list[dict]:
-    """Per-step records (samples seen, loss, lr, samples/s) from open_clip_train's text log."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+def parse_log(text: str, per_epoch: int) -> list[dict]:
+    """Per-step records (samples seen, loss, lr, samples/s) from open_clip_train's text log. After a
+    resume the log holds the killed attempt's steps too: a later record for the same step wins."""
+    rows: dict[int, dict] = {}
+    for line in text.splitlines():
         m = _LOSS.search(line)
         if m:
             ep, n, _, sps, lr, loss = m.groups()
-            rows.append({"samples": int(ep) * per_epoch + int(n), "loss": float(loss), "lr": float(lr),
-                         "samples_per_s": float(sps)})
-    return rows
+            seen = int(ep) * per_epoch + int(n)
+            rows[seen] = {"samples": seen, "loss": float(loss), "lr": float(lr), "samples_per_s": float(sps)}
+    return [rows[k] for k in sorted(rows)]
 
 
 def loss_is_healthy(curve: list[dict]) -> tuple[bool, str]:
@@ -93,3 +130,12 @@ def loss_is_healthy(curve: list[dict]) -> tuple[bool, str]:
     if last >= first:
         return False, f"loss did not decrease (first {k} steps {first:.4f}, last {k} steps {last:.4f})"
     return True, f"loss {first:.4f} -> {last:.4f}"
+
+
+if __name__ == "__main__":   # the entry point of generated torchrun commands: our model configs, then open_clip_train
+    import sys
+
+    from open_clip_train.main import main as _main
+
+    register_configs()
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,73 @@
+"""A training run killed with SIGKILL after a checkpoint resumes from it when started again with the
+same inputs; leftovers of runs with other inputs are removed, never resumed from."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from tests.conftest import ROOT, env_for_subprocess
+
+SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+from winnow.train import train_clip
+r = train_clip(data={data!r}, model="winnow-tiny", samples_seen=512, batch_size=16, lr=1e-3, warmup=2,
+               wd=0.1, beta2=0.98, checkpoints=4, out_dir={out!r}, work_dir={work!r}, data_id={data_id!r})
+print("RESULT", json.dumps({{"resumed": r["resumed_from_epochs"], "steps": r["steps"],
+                             "last": r["curve"][-1]["samples"]}}))
+"""
+
+
+def _script(tmp_path, out, data_id="v1"):
+    return SCRIPT.format(root=str(ROOT), data=str(tmp_path / "data" / "0.tar"), out=str(out),
+                         work=str(tmp_path / "work"), data_id=data_id)
+
+
+def _result(stdout: str) -> dict:
+    return json.loads(next(x for x in stdout.splitlines() if x.startswith("RESULT "))[7:])
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    with wds.TarWriter(str(tmp_path / "data" / "0.tar")) as w:
+        for i in range(128):
+            w.write({"__key__": f"{i:05d}", "txt": f"a picture number {i % 7}",
+                     "jpg": Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))})
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _script(tmp_path, out)], env=env_for_subprocess(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    ckpt = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "work").glob("*/run/checkpoints/epoch_1.pt"))
+        if found:
+            ckpt = found[0]
+            break
+        time.sleep(0.05)
+    assert ckpt is not None, f"no checkpoint before the run ended: {proc.stdout.read()[-2000:]}"
+    time.sleep(0.5)            # the save is torch.save to the final name; give it time to finish
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoint.pt").exists()
+    done_epochs = sorted(int(p.stem.split("_")[1]) for p in ckpt.parent.glob("epoch_[0-9]*.pt"))
+    assert done_epochs and done_epochs[-1] < 4, "the run finished before it was killed; make it longer"
+
+    stray = tmp_path / "work" / "0123456789abcdef"     # a killed run with other inputs
+    (stray / "run" / "checkpoints").mkdir(parents=True)
+    again = subprocess.run([sys.executable, "-c", _script(tmp_path, out)], env=env_for_subprocess(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    r = _result(again.stdout)
+    assert r["resumed"] and r["resumed"][-1] == done_epochs[-1]       # started after the last saved epoch
+    assert r["last"] > 3 * 128 and r["steps"] >= 4 * 128 // 16 - 2       # the curve covers the whole budget
+    assert (out / "checkpoint.pt").exists()
+    assert not list((tmp_path / "work").iterdir())      # its own work dir removed when done, the stray one too

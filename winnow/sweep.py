@@ -1,0 +1,128 @@
+"""Recipes x seeds at equal samples seen, as DVC experiments, and the table that says whether
+filtering pays (``python -m winnow sweep``).
+
+Each (recipe, seed) is one ``dvc exp run -n <recipe>-s<seed>`` (DVC re-runs only filter onward;
+pool, tasks, scorer and embed come from the cache) under an MLflow parent run, so the runs are also
+in ``winnow compare``. Each result is kept in ``reports/compare/demo/<recipe>-s<seed>.json``, so an
+interrupted sweep resumes with the runs it lacks. ``reports/compare/demo.md`` gives, per recipe,
+the mean, standard deviation and range over seeds of the average and of each group, and whether
+the recipe beats ``no_filter`` by more than the seed spread (its worst seed above no_filter's best).
+At the end params.yaml and dvc.lock are put back and the workspace outputs checked out again.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from winnow.io import atomic_file, read_json, write_json
+
+RESULTS = Path("reports/compare/demo")
+TABLE = Path("reports/compare/demo.md")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_one(recipe: str, seed: int, scale: str) -> dict:
+    """One DVC experiment; returns what the table needs."""
+    from winnow import track
+    from winnow.config import load_params, set_params
+
+    set_params("params.yaml", {"filter.recipe": recipe, "train.seed": seed, "train.scale": scale})
+    name = f"{recipe}-s{seed}"
+    with track.pipeline_run(load_params(), name=f"sweep {name}"):
+        proc = subprocess.run(["dvc", "exp", "run", "-n", name, "--force"], env=_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp run for {name} failed (exit {proc.returncode})")
+    summary, funnel = read_json("reports/eval/summary.json"), read_json("reports/filter/funnel.json")
+    return {"recipe": recipe, "seed": seed, "scale": scale, "average": summary["average"],
+            "groups": summary["groups"], "missing": summary["missing"],
+            "samples_seen": summary["model"]["samples_seen"], "subset_size": funnel["subset_size"],
+            "kept_unique": funnel["kept_unique"]}
+
+
+def sweep(recipes: list[str], seeds: list[int], scale: str) -> list[dict]:
+    saved = {p: Path(p).read_bytes() for p in ("params.yaml", "dvc.lock") if Path(p).exists()}
+    rows = []
+    try:
+        for recipe in recipes:
+            for seed in seeds:
+                path = RESULTS / f"{recipe}-s{seed}.json"
+                if path.exists() and read_json(path).get("scale") == scale:
+                    rows.append(read_json(path))
+                    continue
+                print(f"\n=== sweep: {recipe}, seed {seed} ({len(rows) + 1}/{len(recipes) * len(seeds)}) ===", flush=True)
+                row = run_one(recipe, seed, scale)
+                write_json(path, row)
+                rows.append(row)
+    finally:
+        for p, b in saved.items():
+            Path(p).write_bytes(b)
+        subprocess.run(["dvc", "checkout", "--force", "--quiet"], env=_env())
+    return rows
+
+
+def _stats(xs: list[float]) -> dict:
+    a = np.array(xs, float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "n": len(a)}
+
+
+def table(rows: list[dict], baseline: str = "no_filter") -> tuple[str, dict]:
+    """The markdown table and the per-recipe statistics."""
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    groups = sorted({g for r in rows for g in r["groups"]})
+    stats = {}
+    for rec in recipes:
+        mine = [r for r in rows if r["recipe"] == rec]
+        stats[rec] = {"average": _stats([r["average"] for r in mine]),
+                      "groups": {g: _stats([r["groups"][g] for r in mine if g in r["groups"]]) for g in groups},
+                      "subset_size": sorted({r["subset_size"] for r in mine}),
+                      "samples_seen": sorted({r["samples_seen"] for r in mine}),
+                      "seeds": sorted(r["seed"] for r in mine)}
+    base = stats.get(baseline)
+    for rec, s in stats.items():
+        if base and rec != baseline:
+            s["delta_vs_baseline"] = s["average"]["mean"] - base["average"]["mean"]
+            s["beats_baseline_beyond_spread"] = s["average"]["min"] > base["average"]["max"]
+
+    def cell(st):
+        return f"{st['mean']:.3f} ± {st['std']:.3f} ({st['min']:.3f}–{st['max']:.3f})"
+
+    lines = ["# Filtering on the demo: recipes x seeds at equal samples seen", "",
+             "Mean ± sample std over seeds (min–max in brackets). `beats` = the recipe's worst seed is above "
+             f"`{baseline}`'s best seed on the average.", "",
+             "| recipe | subset size | samples seen | seeds | average | " + " | ".join(groups) + f" | Δ vs {baseline} | beats |",
+             "|---|---|---|---|---|" + "---|" * len(groups) + "---|---|"]
+    for rec in recipes:
+        s = stats[rec]
+        delta = f"{s['delta_vs_baseline']:+.3f}" if "delta_vs_baseline" in s else "—"
+        beats = ("yes" if s["beats_baseline_beyond_spread"] else "no") if "beats_baseline_beyond_spread" in s else "—"
+        lines.append(f"| {rec} | {'/'.join(map(str, s['subset_size']))} | {'/'.join(map(str, s['samples_seen']))} | "
+                     f"{len(s['seeds'])} | {cell(s['average'])} | "
+                     + " | ".join(cell(s["groups"][g]) if s["groups"][g]["n"] else "—" for g in groups)
+                     + f" | {delta} | {beats} |")
+    return "\n".join(lines) + "\n", stats
+
+
+def write_table(rows: list[dict]) -> str:
+    text, stats = table(rows)
+    with atomic_file(TABLE) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    write_json(TABLE.with_suffix(".json"), {"runs": rows, "stats": stats})
+    return text
+
+
+def main(recipes: list[str], seeds: list[int], scale: str) -> int:
+    rows = sweep(recipes, seeds, scale)
+    print(write_table(rows))
+    print(f"wrote {TABLE.resolve()}")
+    return 0
+
