@@ -21,13 +21,15 @@ def body(p: Params) -> dict:
     E = expect()
     metrics = {}
     with atomic_dir(OUT) as tmp:
+        name = models.embedding_name(s.model, s.pretrained, s.name)
         if s.pretrained is None:
-            trusted = sorted(local(s.trusted_uri).glob("*.tar"))
+            t = s.train
+            trusted = sorted(local(t.trusted_uri).glob("*.tar"))
             if not trusted:
-                raise models.ModelError(f"no trusted shards under {s.trusted_uri} to train the scorer on")
-            n = sum(read_json(str(t)[:-4] + "_stats.json")["count"] for t in trusted)
-            r = train_clip(data="::".join(map(str, trusted)), model=s.model, samples_seen=n * s.epochs,
-                           batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, wd=0.1, beta2=0.98,
+                raise models.ModelError(f"no trusted shards under {t.trusted_uri} to train the scorer on")
+            n = sum(read_json(str(x)[:-4] + "_stats.json")["count"] for x in trusted)
+            r = train_clip(data="::".join(map(str, trusted)), model=s.model, samples_seen=n * t.epochs,
+                           batch_size=t.batch_size, lr=t.lr, warmup=t.warmup, wd=t.wd, beta2=0.98,
                            checkpoints=2, out_dir=tmp, seed=p.seed, work_dir=".winnow/work/scorer",
                            data_id="".join(file_sha256(t) for t in trusted))
             ok, why = loss_is_healthy(r["curve"])
@@ -47,7 +49,7 @@ def body(p: Params) -> dict:
                        [E.ExpectColumnValuesToBeBetween(column="auc_matched_vs_mismatched", min_value=s.min_auc)],
                        id_column="model")
         write_json(tmp / "quality.json", quality)
-        write_json(tmp / "scorer.json", {"model": s.model, "weights": weights, "name": "scorer"})
+        write_json(tmp / "scorer.json", {"model": s.model, "weights": weights, "name": name})
         gate.finish()
     return {**metrics, **{k: v for k, v in quality.items() if v is not None}}
 

@@ -134,3 +134,22 @@ def test_embed_resumes_per_shard_and_splits_over_devices(demo_pool, tmp_path):
     split = tmp_path / "split"
     embed_pool(pool, spec, split, batch_size=64, workers=0, devices=["cpu", "cpu"])
     _same(_outputs(split), reference)
+
+
+def test_embedding_names_follow_datacomp_for_its_models(tmp_path):
+    import pytest
+
+    assert models.embedding_name("ViT-L-14", "openai") == "l14"
+    assert models.embedding_name("ViT-B-32", "openai") == "b32"
+    assert models.embedding_name("winnow-tiny", None) == "scorer"
+    assert models.embedding_name("ViT-B-16", "laion2b_s34b_b88k") == "vit_b_16_laion2b_s34b_b88k"
+    assert models.embedding_name("winnow-tiny", "/ckpts/dfn-v1.pt") == "winnow_tiny_dfn_v1"
+    assert models.embedding_name("ViT-L-14", "openai", "mine") == "mine"
+    with pytest.raises(models.ModelError):
+        models.embedding_name("ViT-L-14", "openai", "Bad-Name")
+    # a local checkpoint path is a valid scorer: it loads with its weights
+    spec = _random_checkpoint(tmp_path / "dfn-v1.pt")
+    m, _, _ = models.load(spec["model"], spec["weights"])
+    import torch
+    ref = torch.load(spec["weights"], weights_only=True)["state_dict"]
+    assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())

@@ -52,15 +52,22 @@ class Eval(Section):
     batch_size: int = Field(128, ge=1)
 
 
-class Scorer(Section):
-    model: str = "winnow-tiny"
-    pretrained: str | None = None
-    trusted_uri: str = "data/pool/trusted"   # webdataset shards of trusted pairs (DFN-style training)
-    epochs: int = Field(8, ge=1)
+class ScorerTrain(Section):
+    """DFN-style training of the filtering network on trusted pairs (used when pretrained is null)."""
+    trusted_uri: str = "data/pool/trusted"   # webdataset shards of trusted pairs
+    epochs: int = Field(8, ge=1)             # passes over the trusted set (steps = epochs x size / batch)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(20, ge=0)
+    wd: float = Field(0.1, ge=0)
+
+
+class Scorer(Section):
+    model: str = "winnow-tiny"               # the architecture (model size): an open_clip name or configs/models/*.json
+    pretrained: str | None = None            # null: train in-pipeline; an open_clip tag or a local checkpoint path
+    name: str = "auto"                       # embedding key prefix; auto: DataComp's l14/b32 for OpenAI L/14, B/32
     min_auc: float = Field(0.75, ge=0, le=1)   # gate: matched vs mismatched separation on held-out pairs
+    train: ScorerTrain = ScorerTrain()
 
 
 class Embed(Section):

@@ -46,3 +46,25 @@ def load(model: str, pretrained: str | None = None, device: str = "cpu"):
                 f"cache (HF_HOME) and copy it here, or set `pretrained:` to a local checkpoint path.") from None
         raise
     return m.eval(), preprocess, open_clip.get_tokenizer(model)
+
+
+# DataComp's metadata names the OpenAI CLIP features by model: l14_img, b32_txt, ...
+DATACOMP_NAMES = {("ViT-L-14", "openai"): "l14", ("ViT-B-32", "openai"): "b32"}
+
+
+def embedding_name(model: str, pretrained: str | None, name: str = "auto") -> str:
+    """The prefix of a scorer's embedding keys (``<name>_img``, ``<name>_img_flip``, ``<name>_txt``)
+    and score columns: DataComp's for its models, ``scorer`` for the in-pipeline network, else
+    ``<model>_<weights>`` made identifier-safe."""
+    import re
+
+    if name != "auto":
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ModelError(f"scorer.name '{name}' must be lowercase letters, digits and _")
+        return name
+    if pretrained is None:
+        return "scorer"
+    if (model, pretrained) in DATACOMP_NAMES:
+        return DATACOMP_NAMES[(model, pretrained)]
+    weights = Path(pretrained).stem if ("/" in pretrained or "." in pretrained) else pretrained
+    return re.sub(r"[^a-z0-9]+", "_", f"{model}_{weights}".lower()).strip("_")

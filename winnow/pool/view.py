@@ -99,10 +99,11 @@ class ShardBatch:
         return self.arrow(name).to_numpy(zero_copy_only=False)
 
     def _npz_sources(self) -> dict[str, object]:
-        """embedding key -> npz path (pool npz first, then the embed stage's), from the zip index only."""
+        """embedding key -> npz path, from the zip index only. The embed stage's keys win over the
+        pool's own (e.g. ``l14_img`` re-embedded from the images beside its new ``l14_img_flip``)."""
         if self._npz is None:
             self._npz = {}
-            for src in [self.pool.uri] + ([self.pool.embed_uri] if self.pool.embed_uri else []):
+            for src in ([self.pool.embed_uri] if self.pool.embed_uri else []) + [self.pool.uri]:
                 p = shards.path(src, self.shard, "npz")
                 if p.exists():
                     for k in _load_npz(p, self.shard):
