@@ -8,7 +8,8 @@ JPEG decode, preprocessing of the image and its mirror and tokenisation in DataL
 the image tower on both, the text tower, scores, npz/parquet writes. "model only" is the same
 model's forward on already-preprocessed tensors of the same batch shape (image + mirror, then the
 captions), repeated for the same number of images. Both count images per second (each image is
-encoded twice, as the flipped-image score needs). Results in ``reports/bench/embed.json``.
+encoded twice, as the flipped-image score needs). ``--decode both`` also measures decoding on the
+model's device (nvjpeg on CUDA) against PIL in the workers. Results in ``reports/bench/embed.json``.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(arch: str, data: Path, batch: int, workers: int, device: str, compile_: bool, out: Path) -> dict:
+def measure(arch: str, data: Path, batch: int, workers: int, device: str, compile_: bool, out: Path,
+            decodes: list[str]) -> dict:
     import shutil
 
     import open_clip
@@ -103,17 +105,21 @@ def measure(arch: str, data: Path, batch: int, workers: int, device: str, compil
     _sync(device)
     model_only = steps * batch / (time.perf_counter() - t0)
 
-    # end to end through the embed stage's path, twice: the first warms caches and kernels
-    for attempt in range(2):
-        shutil.rmtree(out, ignore_errors=True)
-        _sync(device)
-        t0 = time.perf_counter()
-        embed_shards(pool, pool.shards, model, preprocess, tokenizer, out, name="bench", batch_size=batch,
-                     workers=workers, device=device, compile=compile_, progress=f"e2e {arch}")
-        _sync(device)
-        e2e = n_images / (time.perf_counter() - t0)
-    return {"images": n_images, "batch": batch, "model_only_images_per_s": model_only,
-            "end_to_end_images_per_s": e2e, "ratio": e2e / model_only}
+    # end to end through the embed stage's path, twice per decode mode: the first warms caches and kernels
+    res = {"images": n_images, "batch": batch, "model_only_images_per_s": model_only}
+    for decode in decodes:
+        for _ in range(2):
+            shutil.rmtree(out, ignore_errors=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            embed_shards(pool, pool.shards, model, preprocess, tokenizer, out, name="bench", batch_size=batch,
+                         workers=workers, device=device, compile=compile_, decode=decode,
+                         progress=f"e2e {arch} ({decode} decode)")
+            _sync(device)
+            e2e = n_images / (time.perf_counter() - t0)
+        res[f"end_to_end_{decode}_images_per_s"] = e2e
+        res[f"ratio_{decode}"] = e2e / model_only
+    return res
 
 
 def main() -> None:
@@ -124,6 +130,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--decode", default=None, help="pil | tensor | both (default: both on CUDA, pil on CPU)")
     ap.add_argument("--side", type=int, default=256)
     ap.add_argument("--data", type=Path, default=ROOT / "bench" / ".data" / "embed")
     args = ap.parse_args()
@@ -135,8 +142,10 @@ def main() -> None:
     for arch, n in zip(archs, counts):
         data = args.data / f"pool-{n}"
         generate(data, n, per_shard=max(args.batch, n // 4), side=args.side)
+        decodes = {"both": ["pil", "tensor"], None: ["pil", "tensor"] if args.device.startswith("cuda") else ["pil"]}.get(
+            args.decode, [args.decode])
         results["archs"][arch] = measure(arch, data, args.batch, args.workers, args.device, args.compile,
-                                         args.data / f"out-{arch}")
+                                         args.data / f"out-{arch}", decodes)
         print(arch, json.dumps(results["archs"][arch]), flush=True)
     out = ROOT / "reports" / "bench" / "embed.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ def body(p: Params) -> dict:
     compile_ = bool(cuda) if p.embed.compile == "auto" else p.embed.compile
     work = work_dir(spec, p)
     per_shard = embed_pool(pool, {"model": spec["model"], "weights": spec["weights"]}, work, name=name,
-                           batch_size=p.embed.batch_size, workers=p.embed.workers, devices=devices, compile=compile_)
+                           batch_size=p.embed.batch_size, workers=p.embed.workers, devices=devices, compile=compile_,
+                           decode=p.embed.decode)
     model, pre, tok = models.load(spec["model"], spec["weights"])
     with atomic_dir(OUT) as tmp:
         for f in local(work).iterdir():   # linked, not moved: a failed gate below keeps the finished shards

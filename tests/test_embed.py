@@ -153,3 +153,22 @@ def test_embedding_names_follow_datacomp_for_its_models(tmp_path):
     import torch
     ref = torch.load(spec["weights"], weights_only=True)["state_dict"]
     assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
+
+
+def test_tensor_decode_matches_pil_and_quarantines_the_same(demo_pool, tmp_path):
+    pool_dir = tmp_path / "pool"
+    shutil.copytree(demo_pool, pool_dir)
+    bad_uid = corrupt_first_image(pool_dir)
+    spec = _random_checkpoint(tmp_path / "ckpt.pt")
+    pool = Pool.open(str(pool_dir))
+    a = embed_pool(pool, spec, tmp_path / "pil", batch_size=64, workers=0)
+    b = embed_pool(pool, spec, tmp_path / "tensor", batch_size=64, workers=0, decode="tensor")
+    assert [r["corrupt_images"] for r in a] == [r["corrupt_images"] for r in b] == [1, 0, 0]
+    assert b[0]["corrupt_uids"] == [bad_uid] and b[0]["missing_images"] == 1
+    za, zb = shards.read_npz(str(tmp_path / "pil"), "00000000"), shards.read_npz(str(tmp_path / "tensor"), "00000000")
+    ok = np.isfinite(za["scorer_img"][:, 0])
+    assert (ok == np.isfinite(zb["scorer_img"][:, 0])).all()
+    for k in ("scorer_img", "scorer_img_flip"):   # same images up to resampling: nearly parallel embeddings
+        cos = np.einsum("nd,nd->n", za[k][ok], zb[k][ok])
+        assert cos.min() > 0.97, (k, cos.min())
+    np.testing.assert_array_equal(za["scorer_txt"], zb["scorer_txt"])

@@ -75,6 +75,7 @@ class Embed(Section):
     workers: int = Field(1, ge=0)          # DataLoader processes decoding and preprocessing shards
     devices: list[str] | Literal["auto"] = "auto"   # auto: every CUDA device, else cpu; several: one process each
     compile: bool | Literal["auto"] = "auto"        # torch.compile the image tower; auto: on CUDA only
+    decode: Literal["pil", "tensor"] = "pil"         # pil: in the workers; tensor: on the model's device (nvjpeg on CUDA)
 
 
 class Filter(Section):

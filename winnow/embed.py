@@ -43,12 +43,15 @@ def _encode(model, fn, batches) -> np.ndarray:
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Items per shard, produced in worker processes (each worker takes every n-th shard):
-    ``("start", shard, info)`` with uids, tokens and quarantine counts, then
-    ``("images", shard, rows, x, x_flipped)`` per batch, then ``("end", shard, None)``."""
+    ``("start", shard, info)`` with uids, tokens and quarantine counts, then per batch either
+    ``("images", shard, rows, x, x_flipped)`` (decoded and preprocessed here, ``decode="pil"``) or
+    ``("jpegs", shard, rows, [uint8 tensors])`` (encoded bytes for tensor decode on the model's
+    device, ``decode="tensor"``), then ``("end", shard, None)``."""
 
-    def __init__(self, pool_uri: str, shard_list: list[str], preprocess, tokenizer, batch_size: int):
+    def __init__(self, pool_uri: str, shard_list: list[str], preprocess, tokenizer, batch_size: int,
+                 decode: str = "pil"):
         self.pool_uri, self.shards = pool_uri, shard_list
-        self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
+        self.preprocess, self.tokenizer, self.batch_size, self.decode = preprocess, tokenizer, batch_size, decode
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -68,15 +71,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             if i is None:
                 unknown.append(s["__key__"])
                 continue
+            if self.decode == "tensor":
+                if s["jpg"]:
+                    images[i] = torch.frombuffer(bytearray(s["jpg"]), dtype=torch.uint8)
+                continue
             try:
                 images[i] = shards.decode_image(s["jpg"] or b"")
             except ValueError:
                 corrupt.append(uids[i])
         yield ("start", shard, {"uids": uids, "tokens": self.tokenizer(texts) if texts else None,
-                                "rows_with_image": sorted(images), "corrupt": corrupt, "unknown": len(unknown)})
+                                "corrupt": corrupt, "unknown": len(unknown)})
         rows = sorted(images)
         for k in range(0, len(rows), self.batch_size):
             chunk = rows[k: k + self.batch_size]
+            if self.decode == "tensor":
+                yield ("jpegs", shard, torch.tensor(chunk), [images[r] for r in chunk])
+                continue
             x = torch.stack([self.preprocess(images[r]) for r in chunk])
             xf = torch.stack([self.preprocess(ImageOps.mirror(images[r])) for r in chunk])
             yield ("images", shard, torch.tensor(chunk), x, xf)
@@ -125,10 +135,11 @@ def _finish_shard(state: dict, enc: Encoder, out: Path, shard: str, name: str, b
     txt = enc.texts(info["tokens"], batch_size) if n else np.zeros((0, 0), np.float32)
     img = np.full_like(txt, np.nan)
     flip = img.copy()
+    ok = np.zeros(n, bool)
     for rows, a, b in state["parts"]:
         img[rows], flip[rows] = a, b
-    ok = np.zeros(n, bool)
-    ok[info["rows_with_image"]] = True
+        ok[rows] = True
+    info["corrupt"] = info["corrupt"] + state["corrupt"]
     score = np.einsum("nd,nd->n", img, txt)
     flip_score = np.einsum("nd,nd->n", flip, txt)
     shards.write_npz(str(out), shard, {f"{name}_img": img, f"{name}_img_flip": flip, f"{name}_txt": txt})
@@ -149,14 +160,18 @@ def done_shards(out: str | Path) -> dict[str, dict]:
 
 def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer, out: str | Path,
                  name: str = "scorer", batch_size: int = 256, workers: int = 1, device: str = "cpu",
-                 compile: bool = False, progress: str = "embed shards") -> list[dict]:
-    """Embed ``shard_list`` into ``out``, skipping shards already marked done there."""
+                 compile: bool = False, decode: str = "pil", progress: str = "embed shards") -> list[dict]:
+    """Embed ``shard_list`` into ``out``, skipping shards already marked done there. ``decode``:
+    ``pil`` in the DataLoader workers, or ``tensor`` on the model's device (nvjpeg on CUDA)."""
+    from winnow.decode import TensorPreprocess
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = done_shards(out)
     todo = [s for s in shard_list if s not in done]
     enc = Encoder(model, device, compile)
-    stream = ShardStream(pool.uri, todo, preprocess, tokenizer, batch_size)
+    tensor_pre = TensorPreprocess(model.visual.preprocess_cfg, device) if decode == "tensor" else None
+    stream = ShardStream(pool.uri, todo, preprocess, tokenizer, batch_size, decode)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(workers, len(todo)),
                                          pin_memory=enc.cuda, prefetch_factor=4 if workers else None,
                                          persistent_workers=False)
@@ -164,9 +179,20 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
     bar = tqdm(total=len(shard_list), initial=len(shard_list) - len(todo), desc=progress, unit="shard")
     for kind, shard, *rest in (loader if todo else []):
         if kind == "start":
-            states[shard] = {"info": rest[0], "parts": []}
-        elif kind == "images":
-            rows, x, xf = rest
+            states[shard] = {"info": rest[0], "parts": [], "corrupt": []}
+        elif kind in ("images", "jpegs"):
+            if kind == "jpegs":
+                rows, jpegs = rest
+                decoded, bad = tensor_pre.decode(jpegs)
+                states[shard]["corrupt"] += [states[shard]["info"]["uids"][int(rows[i])] for i in bad]
+                keep = [i for i in range(len(rows)) if i not in bad]
+                if not keep:
+                    continue
+                rows = rows[keep]
+                x = torch.stack([tensor_pre(decoded[i]) for i in keep])
+                xf = torch.flip(x, dims=[-1])           # mirroring commutes with the centred crop
+            else:
+                rows, x, xf = rest
             f = enc.images(torch.cat([x, xf]))     # original and mirrored in one forward pass
             states[shard]["parts"].append((rows.numpy(), f[: len(rows)], f[len(rows):]))
         else:
@@ -177,6 +203,7 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
 
 
 def _device_worker(rank: int, devices: list[str], pool: Pool, model_spec: dict, out: str, kw: dict) -> None:
+    """One device's share of the shards, in its own process."""
     from winnow import models
 
     model, pre, tok = models.load(model_spec["model"], model_spec.get("weights"))
@@ -185,14 +212,15 @@ def _device_worker(rank: int, devices: list[str], pool: Pool, model_spec: dict, 
 
 
 def embed_pool(pool: Pool, model_spec: dict, out: str | Path, name: str = "scorer", batch_size: int = 256,
-               workers: int = 1, devices: list[str] | None = None, compile: bool = False) -> list[dict]:
+               workers: int = 1, devices: list[str] | None = None, compile: bool = False,
+               decode: str = "pil") -> list[dict]:
     """Embed every shard of the pool with the model ``{"model": arch, "weights": tag|path|None}``.
     One device: in this process. Several: one spawned process per device, each taking every n-th
     shard (the outputs are per shard, so they do not depend on the split)."""
     from winnow import models
 
     devices = devices or ["cpu"]
-    kw = {"name": name, "batch_size": batch_size, "workers": workers, "compile": compile}
+    kw = {"name": name, "batch_size": batch_size, "workers": workers, "compile": compile, "decode": decode}
     if len(devices) == 1:
         model, pre, tok = models.load(model_spec["model"], model_spec.get("weights"))
         return embed_shards(pool, pool.shards, model, pre, tok, out, device=devices[0], **kw)
