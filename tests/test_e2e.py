@@ -44,10 +44,10 @@ def test_outputs_exist_and_pass_gates(project):
     emb = np.load(project / "data/embed/00000000.npz")
     assert {"scorer_img", "scorer_img_flip", "scorer_txt"} <= set(emb.files)
     summary = json.loads((project / "reports/eval/summary.json").read_text())
-    assert set(summary["tasks"]) == {"shapes", "shapes_outline", "counting", "retrieval"}
+    assert set(summary["tasks"]) == {"shapes", "shapes_outline", "counting", "colours", "shape_kinds", "retrieval"}
     assert summary["missing"] == [] and 0 <= summary["average"] <= 1
     rows = [json.loads(x) for x in (project / "reports/eval/results.jsonl").read_text().splitlines()]
-    assert [r["key"] for r in rows] == ["shapes", "shapes_outline", "counting", "retrieval"]
+    assert [r["key"] for r in rows] == ["shapes", "shapes_outline", "counting", "colours", "shape_kinds", "retrieval"]
     report = (project / "reports/index.md").read_text()
     assert "## Funnel" in report and "mismatched" in report and "average" in report
     metrics = dvc(project, "metrics", "show", "--json", check=True)

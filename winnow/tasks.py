@@ -65,6 +65,8 @@ COLOUR_SHAPE = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
 COUNT_CLASSES = ["one object", "two objects", "three objects", "four objects"]
 TEMPLATES = {
     "colour_shape": ["a photo of a {c}.", "a {c}.", "clip art of a {c}.", "an image of a {c} shape."],
+    "colour": ["a photo of a {c} shape.", "a {c} object.", "clip art of {c} shapes.", "something {c}."],
+    "shape": ["a photo of a {c}.", "a {c}.", "a drawing of a {c}.", "clip art of a {c}."],
     "count": ["a photo of {c}.", "{c}.", "a picture with {c}.", "an image showing {c}."],
 }
 
@@ -74,7 +76,8 @@ def generate_task(task: Task, root: str, seed: int, n_test: int, n_train: int) -
     spec = task.demo or {}
     label = spec.get("label")
     rng = np.random.default_rng([seed, 7, int(hashlib.md5(task.key.encode()).hexdigest()[:8], 16)])
-    classes = COLOUR_SHAPE if label == "colour_shape" else COUNT_CLASSES if label == "count" else []
+    classes = {"colour_shape": COLOUR_SHAPE, "count": COUNT_CLASSES, "colour": list(world.COLOURS),
+               "shape": list(world.SHAPES)}.get(label, [])
     hashes = []
     with atomic_dir(local(root) / task.key) as tmp:
         if classes:
@@ -97,6 +100,14 @@ def generate_task(task: Task, root: str, seed: int, n_test: int, n_train: int) -
                 elif label == "count":
                     cls = i % len(classes)
                     scene.count = cls + 1
+                elif label == "colour":
+                    cls = i % len(classes)
+                    scene.colour = classes[cls]
+                    if scene.background == scene.colour:
+                        scene.background = "gray"
+                elif label == "shape":
+                    cls = i % len(classes)
+                    scene.shape = classes[cls]
                 img = world.jpeg(world.render(scene, rng))
                 hashes.append(hashlib.sha256(img).hexdigest())
                 s = {"__key__": f"s{i:06d}", "jpg": img}
