@@ -27,7 +27,7 @@ WORK = ".winnow/work/embed"
 
 def work_dir(spec: dict, p: Params) -> str:
     """Keyed by everything the shard outputs depend on; other keys' leftovers are removed."""
-    weights = spec["weights"]
+    weights = models.resolve_weights(spec["weights"])
     wid = file_sha256(weights) if weights and os.path.exists(weights) else str(weights)
     manifest = file_sha256(local("data/pool") / "manifest.json")
     key = hashlib.sha256(json.dumps([spec["model"], wid, spec["name"], manifest, p.embed.batch_size]).encode()).hexdigest()[:16]

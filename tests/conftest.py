@@ -72,3 +72,26 @@ def demo_pool(tmp_path_factory):
     cfg = Pool(**{k: v for k, v in MICRO_PARAMS["pool"].items()})
     demo.write_pool(cfg, 0, str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 server (SeaweedFS) per test session; its endpoint and credentials are in the
+    environment while it runs (boto3's standard chain reads them, as in production)."""
+    from tests.s3server import S3Server
+    from winnow import s3
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    s3.client.cache_clear()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3.client.cache_clear()

@@ -71,9 +71,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             if i is None:
                 unknown.append(s["__key__"])
                 continue
-            if self.decode == "tensor":
+            if self.decode == "tensor":     # decoded later on the model's device; empty bytes are corrupt here
                 if s["jpg"]:
                     images[i] = torch.frombuffer(bytearray(s["jpg"]), dtype=torch.uint8)
+                else:
+                    corrupt.append(uids[i])
                 continue
             try:
                 images[i] = shards.decode_image(s["jpg"] or b"")

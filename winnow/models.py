@@ -23,11 +23,33 @@ def register_configs() -> list[str]:
     return sorted(p.stem for p in (CONFIGS / "models").glob("*.json"))
 
 
+CACHE = Path(".winnow/cache")
+
+
+def resolve_weights(pretrained: str | None) -> str | None:
+    """An ``s3://`` checkpoint is downloaded once into ``.winnow/cache/s3/<bucket>/<key>`` (atomic);
+    tags and local paths pass through."""
+    from winnow import s3
+
+    if pretrained and s3.is_s3(pretrained):
+        bucket, key = s3.split(pretrained)
+        dest = CACHE / "s3" / bucket / key
+        if not dest.exists():
+            try:
+                s3.download(pretrained, dest)
+            except s3.S3Error as exc:
+                raise ModelError(f"scorer weights {pretrained} cannot be fetched: {exc}") from None
+        return str(dest)
+    return pretrained
+
+
 def load(model: str, pretrained: str | None = None, device: str = "cpu"):
-    """Return ``(model.eval(), preprocess, tokenizer)``. ``pretrained``: None, a tag, or a checkpoint path."""
+    """Return ``(model.eval(), preprocess, tokenizer)``. ``pretrained``: None, an open_clip tag, a
+    local checkpoint path or an ``s3://`` URI of one."""
     import open_clip
 
     register_configs()
+    pretrained = resolve_weights(pretrained)
     if model not in open_clip.list_models():
         raise ModelError(f"unknown open_clip model '{model}'; see open_clip.list_models() or add "
                          f"a config to {CONFIGS / 'models'}")
