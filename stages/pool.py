@@ -1,6 +1,7 @@
 """Stage `pool`: generate the demo pool, or reference an existing DataComp pool; gate it."""
+from winnow import io as wio
 from winnow.config import Params
-from winnow.io import atomic_dir, local, write_json
+from winnow.io import atomic_dir, write_json
 from winnow.pool import checks, demo, shards
 from winnow.pool.view import Pool
 from winnow.stage import main
@@ -14,7 +15,8 @@ def body(p: Params) -> dict:
         summary = demo.write_pool(p.pool, p.seed, OUT)
     else:   # an external pool: nothing is copied, the manifest points at it
         found = shards.discover(p.pool.uri)
-        summary = {"source": "datacomp", "uri": str(local(p.pool.uri).resolve()), "shards": found,
+        uri = p.pool.uri if wio.is_remote(p.pool.uri) else str(wio.local(p.pool.uri).resolve())
+        summary = {"source": "datacomp", "uri": uri, "shards": found,
                    "num_shards": len(found)}
         with atomic_dir(OUT) as tmp:
             write_json(tmp / "manifest.json", summary)

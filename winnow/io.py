@@ -1,4 +1,6 @@
-"""Where bytes live. Every path is a URI string; local paths work now, `s3://` slots in here.
+"""Where bytes live. Every path is a URI string: a local path, or ``s3://bucket/key`` (winnow.s3).
+Readers go through ``exists``/``read_bytes``/``open_read``/``list_names``/``source``, which take
+either; ``local()`` is for code that needs a filesystem path and names remote URIs clearly.
 
 Writes are atomic: content goes to a temporary sibling and is renamed into place only when complete,
 so a killed stage never leaves a half-written output that looks finished.
@@ -18,12 +20,77 @@ os.umask(_UMASK)
 
 
 def local(uri: str | os.PathLike) -> Path:
-    """The local path of a URI; remote schemes are named clearly until their backend lands."""
+    """The local path of a URI; a remote one here means this code path reads local files only."""
     s = os.fspath(uri)
     if "://" in s and not s.startswith("file://"):
         scheme = s.split("://", 1)[0]
-        raise NotImplementedError(f"'{scheme}://' URIs are not supported yet: {s}")
+        raise NotImplementedError(f"this step reads local paths only, not '{scheme}://': {s}")
     return Path(s.removeprefix("file://"))
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    return os.fspath(uri).startswith("s3://")
+
+
+def join(uri: str | os.PathLike, *names: str) -> str | Path:
+    """A child of a directory URI: a Path locally, an ``s3://`` string remotely."""
+    if is_remote(uri):
+        return "/".join([os.fspath(uri).rstrip("/"), *names])
+    return local(uri).joinpath(*names)
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    from winnow import s3
+
+    return s3.exists(os.fspath(uri)) if is_remote(uri) else local(uri).exists()
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole object; a missing one raises FileNotFoundError whatever the backend."""
+    from winnow import s3
+
+    if not is_remote(uri):
+        return local(uri).read_bytes()
+    if not s3.exists(os.fspath(uri)):
+        raise FileNotFoundError(f"{uri} does not exist")
+    return s3.read_bytes(os.fspath(uri))
+
+
+@contextlib.contextmanager
+def open_read(uri: str | os.PathLike):
+    """A sequential binary stream (remote objects are read while they download)."""
+    from winnow import s3
+
+    if not is_remote(uri):
+        with open(local(uri), "rb") as fh:
+            yield fh
+        return
+    if not s3.exists(os.fspath(uri)):
+        raise FileNotFoundError(f"{uri} does not exist")
+    body = s3.open_stream(os.fspath(uri))
+    try:
+        yield body
+    finally:
+        body.close()
+
+
+def list_names(uri: str | os.PathLike) -> list[str]:
+    """File names directly in a directory (or under an s3 prefix), sorted."""
+    from winnow import s3
+
+    if is_remote(uri):
+        return s3.list_names(os.fspath(uri))
+    root = local(uri)
+    if not root.is_dir():
+        raise FileNotFoundError(f"directory not found: {uri}")
+    return sorted(p.name for p in root.iterdir() if p.is_file())
+
+
+def source(uri: str | os.PathLike):
+    """What pyarrow, numpy and zipfile can open: the local path, or the remote object's bytes."""
+    import io
+
+    return io.BytesIO(read_bytes(uri)) if is_remote(uri) else local(uri)
 
 
 @contextlib.contextmanager
@@ -69,7 +136,7 @@ def write_json(uri: str | os.PathLike, obj) -> None:
 
 
 def read_json(uri: str | os.PathLike):
-    return json.loads(local(uri).read_text(encoding="utf-8"))
+    return json.loads(read_bytes(uri).decode("utf-8"))
 
 
 def file_sha256(uri: str | os.PathLike) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from winnow import io as wio
 from winnow.pool import shards
 from winnow.pool.view import Pool
 from winnow.validate import Gate, expect
@@ -32,7 +33,7 @@ def inspect_shard(pool: Pool, shard: str) -> tuple[dict, pd.DataFrame]:
     df["shard"] = shard
     df["embeddings_finite"] = True
     npz = shards.path(pool.uri, shard, "npz")
-    if npz.exists():
+    if wio.exists(npz):
         arrays = shards.read_npz(pool.uri, shard)
         rows = {k: len(v) for k, v in arrays.items()}
         row["npz_rows"] = min(rows.values()) if len(set(rows.values())) == 1 else -2

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.io import atomic_file, local, read_json, write_json
+from winnow import io as wio
+from winnow.io import atomic_file, read_json, write_json
 
 META_COLUMNS = [
     "uid", "url", "text", "original_width", "original_height",
@@ -42,24 +43,26 @@ def stem(n: int) -> str:
 
 
 def discover(uri: str) -> list[str]:
-    """Shard stems (``00000000`` …) present in a pool directory, sorted, found by their parquet."""
-    root = local(uri)
-    if not root.is_dir():
-        raise ShardError(f"pool directory not found: {uri}")
-    stems = sorted(p.stem for p in root.glob("*.parquet") if _STEM.match(p.stem))
+    """Shard stems (``00000000`` …) present in a pool directory or s3 prefix, sorted, found by their parquet."""
+    try:
+        names = wio.list_names(uri)
+    except FileNotFoundError:
+        raise ShardError(f"pool directory not found: {uri}") from None
+    stems = sorted(n[: -len(".parquet")] for n in names if n.endswith(".parquet") and _STEM.match(n[: -len(".parquet")]))
     if not stems:
         raise ShardError(f"no {{n:08d}}.parquet shards in {uri}")
     return stems
 
 
 def path(uri: str, shard: str, ext: str):
-    return local(uri) / f"{shard}.{ext}" if ext != "stats" else local(uri) / f"{shard}_stats.json"
+    """A shard file: a Path locally, an ``s3://`` string remotely."""
+    return wio.join(uri, f"{shard}.{ext}" if ext != "stats" else f"{shard}_stats.json")
 
 
 def read_meta(uri: str, shard: str, columns: list[str] | None = None) -> pa.Table:
     p = path(uri, shard, "parquet")
     try:
-        return pq.read_table(p, columns=columns)
+        return pq.read_table(wio.source(p), columns=columns)
     except FileNotFoundError:
         raise ShardError(f"shard {shard}: metadata {p} is missing") from None
     except (pa.ArrowInvalid, KeyError, OSError) as exc:
@@ -75,7 +78,7 @@ def read_npz(uri: str, shard: str, keys: list[str] | None = None) -> dict[str, n
     """Embedding arrays of one shard as float32 (float16 on disk is upcast: compute in float32)."""
     p = path(uri, shard, "npz")
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with np.load(wio.source(p), allow_pickle=False) as z:
             wanted = keys if keys is not None else list(z.files)
             missing = [k for k in wanted if k not in z.files]
             if missing:
@@ -111,36 +114,63 @@ def iter_tar(uri: str, shard: str) -> Iterator[dict]:
     end-of-file blocks are checked too.
     """
     p = path(uri, shard, "tar")
-    if not p.exists():
+    if not wio.exists(p):
         raise ShardError(f"shard {shard}: images {p} are missing")
     end = 0
     try:
-        with tarfile.open(p, "r:") as tf:
-            current: dict = {}
-            for m in tf:
-                if not m.isreg():
-                    continue
-                data = tf.extractfile(m).read()
-                if len(data) != m.size:
-                    raise ShardError(f"shard {shard}: tar {p} is truncated inside member {m.name!r}")
-                end = m.offset_data + -(-m.size // 512) * 512
-                folder, _, base = m.name.rpartition("/")
-                key, _, ext = base.partition(".")
-                key = f"{folder}/{key}" if folder else key
-                if current and key != current["__key__"]:
+        with wio.open_read(p) as raw:
+            fh = _Tail(raw)
+            with tarfile.open(fileobj=fh, mode="r|") as tf:   # stream mode: reads as it downloads
+                current: dict = {}
+                for m in tf:
+                    if not m.isreg():
+                        continue
+                    data = tf.extractfile(m).read()
+                    if len(data) != m.size:
+                        raise ShardError(f"shard {shard}: tar {p} is truncated inside member {m.name!r}")
+                    end = m.offset_data + -(-m.size // 512) * 512
+                    folder, _, base = m.name.rpartition("/")
+                    key, _, ext = base.partition(".")
+                    key = f"{folder}/{key}" if folder else key
+                    if current and key != current["__key__"]:
+                        yield _sample(current)
+                        current = {}
+                    current.setdefault("__key__", key)
+                    current[ext] = data
+                if current:
                     yield _sample(current)
-                    current = {}
-                current.setdefault("__key__", key)
-                current[ext] = data
-            if current:
-                yield _sample(current)
+            fh.drain()
     except (tarfile.TarError, OSError, json.JSONDecodeError) as exc:
         raise ShardError(f"shard {shard}: tar {p} is unreadable: {type(exc).__name__}: {exc}") from None
-    with open(p, "rb") as fh:   # a complete tar ends with at least two zero blocks
-        fh.seek(end)
-        tail = fh.read()
-    if len(tail) < 1024 or tail.strip(b"\0"):
+    except Exception as exc:   # a network failure mid-stream (after boto3's retries): fail, naming the object
+        if type(exc).__module__.split(".")[0] in ("botocore", "urllib3"):
+            from winnow.s3 import S3Error
+
+            raise S3Error(f"reading {p} failed: {type(exc).__name__}: {exc}") from None
+        raise
+    # a complete tar ends with at least two zero blocks after the last member
+    if fh.size - end < 1024 or fh.last_nonzero >= end:
         raise ShardError(f"shard {shard}: tar {p} is truncated (no end-of-archive marker after byte {end})")
+
+
+class _Tail:
+    """A read-through wrapper that counts bytes and remembers the offset of the last non-zero byte,
+    so the end-of-archive check needs no second read (or download) of the tar."""
+
+    def __init__(self, raw):
+        self.raw, self.size, self.last_nonzero = raw, 0, -1
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read() if n is None or n < 0 else self.raw.read(n)
+        stripped = len(data.rstrip(b"\0"))
+        if stripped:
+            self.last_nonzero = self.size + stripped - 1
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
 
 
 def write_tar(uri: str, shard: str, samples: list[dict]) -> None:

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.io import local, read_json
+from winnow import io as wio
+from winnow.io import read_json
 from winnow.pool import shards
 
 
@@ -25,23 +26,22 @@ class Pool:
 
     @classmethod
     def open(cls, pool_dir: str, embed_uri: str | None = None) -> "Pool":
-        manifest = read_json(local(pool_dir) / "manifest.json")
+        manifest = read_json(wio.join(pool_dir, "manifest.json"))
         uri = manifest.get("uri", ".")
-        uri = str(local(pool_dir)) if uri == "." else uri
+        uri = str(wio.join(pool_dir)) if uri == "." else uri
         return cls(uri=uri, shards=manifest.get("shards") or shards.discover(uri), manifest=manifest,
                    embed_uri=embed_uri)
 
     @property
-    def truth_path(self) -> Path | None:
-        p = local(self.uri) / "truth.parquet"
-        return p if p.exists() else None
+    def truth_path(self) -> Path | str | None:
+        p = wio.join(self.uri, "truth.parquet")
+        return p if wio.exists(p) else None
 
     def targets(self) -> dict[str, np.ndarray]:
         """Downstream-task embeddings written by the embed stage (``img:<task>``, ``txt:<task>``)."""
-        p = local(self.embed_uri or "") / "targets.npz"
-        if not self.embed_uri or not p.exists():
+        if not self.embed_uri or not wio.exists(p := wio.join(self.embed_uri, "targets.npz")):
             return {}
-        with np.load(p, allow_pickle=False) as z:
+        with np.load(wio.source(p), allow_pickle=False) as z:
             return {k: z[k].astype(np.float32) for k in z.files}
 
     def batch(self, shard: str) -> "ShardBatch":
@@ -58,17 +58,28 @@ class ShardBatch:
     _emb: dict = field(default_factory=dict)
     _npz: dict | None = None
     _schema: list | None = None
+    _blobs: dict = field(default_factory=dict)
+
+    def _src(self, p):
+        """A readable source of a shard file; a remote one is downloaded once per batch."""
+        if not wio.is_remote(p):
+            return p
+        import io
+
+        if p not in self._blobs:
+            self._blobs[p] = wio.read_bytes(p)
+        return io.BytesIO(self._blobs[p])
 
     def _sources(self) -> list[tuple[str, object]]:
         """(column names, parquet path) of the pool metadata, then the embed stage's scores."""
         if self._schema is None:
             srcs = [shards.path(self.pool.uri, self.shard, "parquet")]
-            if self.pool.embed_uri and (p := local(self.pool.embed_uri) / f"{self.shard}.parquet").exists():
+            if self.pool.embed_uri and wio.exists(p := shards.path(self.pool.embed_uri, self.shard, "parquet")):
                 srcs.append(p)
             self._schema = []
             for p in srcs:
                 try:
-                    f = pq.ParquetFile(p)
+                    f = pq.ParquetFile(self._src(p))
                 except FileNotFoundError:
                     raise shards.ShardError(f"shard {self.shard}: metadata {p} is missing") from None
                 except (pa.ArrowInvalid, OSError) as exc:
@@ -87,7 +98,7 @@ class ShardBatch:
             for names, p, _ in self._sources():
                 if name in names:
                     try:
-                        self._cols[name] = pq.read_table(p, columns=[name])[name]
+                        self._cols[name] = pq.read_table(self._src(p), columns=[name])[name]
                     except (pa.ArrowInvalid, OSError) as exc:
                         raise shards.ShardError(f"shard {self.shard}: cannot read column {name} of {p}: {exc}") from None
                     break
@@ -105,8 +116,8 @@ class ShardBatch:
             self._npz = {}
             for src in ([self.pool.embed_uri] if self.pool.embed_uri else []) + [self.pool.uri]:
                 p = shards.path(src, self.shard, "npz")
-                if p.exists():
-                    for k in _load_npz(p, self.shard):
+                if wio.exists(p):
+                    for k in _load_npz(self._src(p), self.shard, label=p):
                         self._npz.setdefault(k, p)
         return self._npz
 
@@ -115,17 +126,19 @@ class ShardBatch:
 
     def embedding_rows(self, key: str) -> int:
         """Rows of an embedding array, read from its header without loading it."""
-        return _load_npz(self._npz_sources()[key], self.shard, key, header_only=True)
+        p = self._npz_sources()[key]
+        return _load_npz(self._src(p), self.shard, key, header_only=True, label=p)
 
     def embedding(self, key: str) -> np.ndarray:
         if key not in self._emb:
             if key not in self._npz_sources():
                 raise KeyError(f"shard {self.shard}: no embedding '{key}' (available: {', '.join(self.embedding_keys())})")
-            self._emb[key] = _load_npz(self._npz_sources()[key], self.shard, key)
+            p = self._npz_sources()[key]
+            self._emb[key] = _load_npz(self._src(p), self.shard, key, label=p)
         return self._emb[key]
 
 
-def _load_npz(p, shard: str, key: str | None = None, header_only: bool = False):
+def _load_npz(p, shard: str, key: str | None = None, header_only: bool = False, label=None):
     """The keys of an npz (``key`` None), one array as float32, or its row count; any corruption
     (zip, npy header, truncation) becomes a ShardError naming the shard."""
     import zipfile
@@ -139,4 +152,4 @@ def _load_npz(p, shard: str, key: str | None = None, header_only: bool = False):
         with np.load(p, allow_pickle=False) as z:
             return list(z.files) if key is None else z[key].astype(np.float32)
     except Exception as exc:   # zip/npy corruption surfaces as many types
-        raise shards.ShardError(f"shard {shard}: cannot read {p}: {type(exc).__name__}: {exc}") from None
+        raise shards.ShardError(f"shard {shard}: cannot read {label or p}: {type(exc).__name__}: {exc}") from None
