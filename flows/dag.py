@@ -5,13 +5,7 @@ from pathlib import Path
 
 import yaml
 
-
-def _outs(spec: dict) -> list[str]:
-    paths = []
-    for kind in ("outs", "metrics", "plots"):
-        for o in spec.get(kind, []) or []:
-            paths.append(next(iter(o)) if isinstance(o, dict) else o)
-    return paths
+from winnow.publish import declared_outputs
 
 
 def _under(dep: str, out: str) -> bool:
@@ -21,7 +15,7 @@ def _under(dep: str, out: str) -> bool:
 def load_dag(path: str | Path = "dvc.yaml") -> dict[str, list[str]]:
     """``{stage: [upstream stages]}`` in dvc.yaml order."""
     stages = yaml.safe_load(Path(path).read_text(encoding="utf-8"))["stages"]
-    outs = {name: _outs(spec) for name, spec in stages.items()}
+    outs = {name: declared_outputs(spec) for name, spec in stages.items()}
     dag = {}
     for name, spec in stages.items():
         deps = spec.get("deps", []) or []

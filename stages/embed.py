@@ -14,7 +14,7 @@ import torch
 from winnow import models
 from winnow.config import Params
 from winnow.embed import embed_pool, embed_targets
-from winnow.io import atomic_dir, file_sha256, local, read_json, write_json
+from winnow.io import atomic_dir, cache_local, file_sha256, local, read_json, write_json
 from winnow.pool import shards
 from winnow.pool.view import Pool
 from winnow.stage import main
@@ -57,7 +57,7 @@ def body(p: Params) -> dict:
                     os.link(f, tmp / f.name)
                 except OSError:
                     shutil.copy2(f, tmp / f.name)
-        targets = embed_targets(load_suite(p.eval.suite), p.eval.data_root, model, pre, tok, str(tmp),
+        targets = embed_targets(load_suite(p.eval.suite), str(cache_local(p.eval.data_root)), model, pre, tok, str(tmp),
                                 batch_size=p.embed.batch_size)
         frames = []
         for s in pool.shards:

@@ -7,7 +7,7 @@ import pandas as pd
 from winnow import models, track
 from winnow.config import Params
 from winnow.evaluate import evaluate_suite, summarize, write_summary
-from winnow.io import file_sha256, read_json
+from winnow.io import cache_local, file_sha256, read_json
 from winnow.stage import main
 from winnow.tasks import load_suite
 from winnow.validate import Gate, expect
@@ -18,7 +18,7 @@ OUT = "reports/eval"
 def body(p: Params) -> dict:
     info = read_json("models/clip/info.json")
     model, pre, tok = models.load(info["model"], info["checkpoint"])
-    rows = evaluate_suite(model, pre, tok, load_suite(p.eval.suite), p.eval.data_root,
+    rows = evaluate_suite(model, pre, tok, load_suite(p.eval.suite), str(cache_local(p.eval.data_root)),
                           f"{OUT}/results.jsonl", batch_size=p.eval.batch_size, model_id=file_sha256(info["checkpoint"]))
     summary = summarize(rows) | {"model": info}
     E = expect()

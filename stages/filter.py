@@ -2,6 +2,7 @@
 gate: uids a sorted subset of the pool, subset size within the recipe's bounds."""
 import pandas as pd
 
+from winnow import io as wio
 from winnow.config import Params
 from winnow.filters.engine import load_recipe, run, truth_metrics
 from winnow.io import write_json
@@ -19,7 +20,7 @@ def body(p: Params) -> dict:
     funnel = run(recipe, pool, OUT, executor=p.filter.executor, workers=p.filter.workers, address=p.filter.address)
     decisions = pd.read_parquet(f"{OUT}/decisions.parquet")
     if pool.truth_path:
-        funnel["truth"] = truth_metrics(decisions, pd.read_parquet(pool.truth_path), recipe.labels())
+        funnel["truth"] = truth_metrics(decisions, pd.read_parquet(wio.source(pool.truth_path)), recipe.labels())
     write_json("reports/filter/funnel.json", funnel)
     subset = U.load(f"{OUT}/uids.npy")
     pool_ids = U.hex_to_array(decisions["uid"].to_numpy())

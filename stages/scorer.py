@@ -5,7 +5,7 @@ import pandas as pd
 
 from winnow import models, track
 from winnow.config import Params
-from winnow.io import atomic_dir, file_sha256, local, read_json, write_json
+from winnow.io import atomic_dir, cache_local, file_sha256, local, read_json, write_json
 from winnow.pool import demo
 from winnow.scoring import scorer_quality
 from winnow.stage import main
@@ -24,7 +24,7 @@ def body(p: Params) -> dict:
         name = models.embedding_name(s.model, s.pretrained, s.name)
         if s.pretrained is None:
             t = s.train
-            trusted = sorted(local(t.trusted_uri).glob("*.tar"))
+            trusted = sorted(cache_local(t.trusted_uri).glob("*.tar"))   # s3:// is fetched into the cache
             if not trusted:
                 raise models.ModelError(f"no trusted shards under {t.trusted_uri} to train the scorer on")
             n = sum(read_json(str(x)[:-4] + "_stats.json")["count"] for x in trusted)

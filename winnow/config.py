@@ -97,6 +97,10 @@ class Tracking(Section):
     experiment: str = "winnow"
 
 
+class Storage(Section):
+    uri: str | None = None   # s3://bucket/prefix: every stage publishes its outputs there (winnow/publish.py)
+
+
 class Params(Section):
     seed: int = 0
     pool: Pool = Pool()
@@ -106,6 +110,7 @@ class Params(Section):
     filter: Filter = Filter()
     train: Train = Train()
     tracking: Tracking = Tracking()
+    storage: Storage = Storage()
 
 
 def _suggest(model: type[BaseModel], loc: tuple) -> str:

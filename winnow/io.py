@@ -148,3 +148,25 @@ def file_sha256(uri: str | os.PathLike) -> str:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+CACHE = Path(".winnow/cache")
+
+
+def cache_local(uri: str | os.PathLike) -> Path:
+    """A local copy of a remote directory (every key under the prefix) in ``.winnow/cache/s3/...``,
+    for readers that need files (open_clip_train's webdataset, evaluation sets); each file is
+    downloaded atomically and skipped when already there with the same size. Local paths pass through."""
+    from winnow import s3
+
+    if not is_remote(uri):
+        return local(uri)
+    bucket, prefix = s3.split(os.fspath(uri))
+    dest = CACHE / "s3" / bucket / prefix.rstrip("/")
+    for name in s3.list_keys(os.fspath(uri)):
+        target = dest / name
+        remote = f"{os.fspath(uri).rstrip('/')}/{name}"
+        if target.exists() and target.stat().st_size == s3.client().head_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/{name}")["ContentLength"]:
+            continue
+        s3.download(remote, target)
+    return dest

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from winnow import io as wio
 from winnow import plots
 
 
@@ -38,14 +39,16 @@ def _read(path) -> dict:
 
 def collect(reports: str = "reports", scorer_dir: str = "models/scorer", filter_dir: str = "data/filter",
             pool_dir: str | None = "data/pool", earlier: list[dict] | None = None) -> RunData:
+    from winnow.pool.view import Pool
+
     d = Path(filter_dir) / "decisions.parquet"
-    truth = Path(pool_dir or "", "truth.parquet") if pool_dir else None
+    truth = Pool.open(pool_dir).truth_path if pool_dir and Path(pool_dir, "manifest.json").exists() else None
     return RunData(
         funnel=_read(f"{reports}/filter/funnel.json"), summary=_read(f"{reports}/eval/summary.json"),
         quality=_read(f"{scorer_dir}/quality.json"),
         timings={t.stem: json.loads(t.read_text())["wall_s"] for t in sorted(Path(reports, "timings").glob("*.json"))},
         decisions=pd.read_parquet(d) if d.exists() else None,
-        truth=pd.read_parquet(truth) if truth and truth.exists() else None, earlier=earlier or [])
+        truth=pd.read_parquet(wio.source(truth)) if truth else None, earlier=earlier or [])
 
 
 def _table(header: list[str], rows: list[list], markdown: bool) -> str:

@@ -128,6 +128,32 @@ def download(uri: str, dest: str | Path) -> Path:
     return dest
 
 
+def upload_raw(src: str | Path, uri: str) -> None:
+    """Upload as is (multipart when large); for keys that are temporary already."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    try:
+        client().upload_file(str(src), bucket, key, Config=_transfer_config())
+    except (ClientError, BotoCoreError) as exc:
+        raise _explain(exc, uri, "cannot upload") from None
+
+
+def list_keys(uri: str) -> list[str]:
+    """Every key under the prefix ``uri`` (recursive), relative to it."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    out = []
+    try:
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+    except (ClientError, BotoCoreError) as exc:
+        raise _explain(exc, uri, "cannot list") from None
+    return sorted(out)
+
+
 def upload(src: str | Path, uri: str) -> None:
     """Upload to a temporary key beside ``uri`` (multipart when large), then copy it onto ``uri``
     and delete the temporary key: ``uri`` either keeps its old content or has the new one whole."""

@@ -20,7 +20,9 @@ def _known() -> tuple[type[BaseException], ...]:
     from winnow.train import TrainError
     from winnow.validate import GateError
 
-    return KNOWN_ERRORS + (GateError, ShardError, UidError, ModelError, TrainError, MissingTask)
+    from winnow.s3 import S3Error
+
+    return KNOWN_ERRORS + (GateError, ShardError, UidError, ModelError, TrainError, MissingTask, S3Error)
 
 
 def main(stage: str, sections: list[str], body: Callable[[Params], dict]) -> None:
@@ -32,6 +34,12 @@ def main(stage: str, sections: list[str], body: Callable[[Params], dict]) -> Non
         params = load_params()
         with track.stage_run(stage, params, sections):
             metrics = body(params) or {}
+            if params.storage.uri:   # after the gate: only validated outputs are published
+                from winnow.publish import publish_stage
+
+                published = publish_stage(stage, params.storage.uri)
+                print(f"winnow {stage}: published {sum(x['files'] for x in published)} files to {params.storage.uri}",
+                      file=sys.stderr)
             metrics["wall_s"] = round(time.time() - t0, 2)
             track.log_metrics(metrics)
             write_json(f"reports/timings/{stage}.json", {"stage": stage, "wall_s": metrics["wall_s"]})
