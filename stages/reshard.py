@@ -14,7 +14,8 @@ OUT = "data/subset"
 
 def body(p: Params) -> dict:
     subset = U.load("data/filter/uids.npy")
-    meta = reshard(Pool.open("data/pool"), subset, OUT, shard_size=p.pool.shard_size)
+    meta = reshard(Pool.open("data/pool"), subset, OUT, shard_size=p.pool.shard_size,
+                   work_dir=".winnow/work/reshard")   # closed output shards survive a kill
     E = expect()
     gate = Gate("reshard")
     # uids whose image never downloaded are expected on real pools (the resharder warns); most must be there

@@ -3,58 +3,107 @@ n times in the subset is written n times (keys ``<uid>-<j>``); uids not found in
 counted and reported, as the resharder warns about failed downloads."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 from tqdm import tqdm
 
-from winnow.io import atomic_dir, write_json
+from winnow.io import atomic_dir, read_json, write_json
 from winnow.pool import shards
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
 
 
-def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000) -> dict:
+def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000, work_dir: str | None = None) -> dict:
+    """Write the subset under ``out`` (atomic). With ``work_dir``, output shards are built in a work
+    directory keyed by the inputs, each marked complete by its ``_stats.json`` when closed: a killed
+    run resumes after the last complete shard (the input is re-read up to that point, nothing
+    finished is re-written), and the result is byte-identical to an uninterrupted run."""
+    U.check_subset(subset)
+    work = _work(work_dir, pool, subset, shard_size)
+    with atomic_dir(out) as tmp:
+        meta = _write(pool, subset, work or tmp, shard_size)
+        if work:
+            for f in work.iterdir():
+                os.replace(f, tmp / f.name)
+    if work:
+        shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _work(work_dir: str | None, pool: Pool, subset: np.ndarray, shard_size: int) -> Path | None:
+    if not work_dir:
+        return None
+    key = hashlib.sha256(json.dumps([pool.uri, pool.manifest, shard_size], sort_keys=True).encode()
+                         + subset.tobytes()).hexdigest()[:16]
+    root = Path(work_dir)
+    for old in (root.iterdir() if root.exists() else []):
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
+    (root / key).mkdir(parents=True, exist_ok=True)
+    return root / key
+
+
+def _complete(build: Path) -> list[int]:
+    """Counts of the output shards already closed (a contiguous run from 0); later files are partial."""
+    counts = []
+    while (build / f"{len(counts):08d}_stats.json").exists():
+        counts.append(read_json(build / f"{len(counts):08d}_stats.json")["count"])
+    for f in build.glob("*.tar"):
+        if int(f.stem) >= len(counts):
+            f.unlink()
+    return counts
+
+
+def _write(pool: Pool, subset: np.ndarray, build: Path, shard_size: int) -> dict:
     import webdataset as wds
 
-    U.check_subset(subset)
-    found = 0
-    written = 0
+    found = written = 0
     seen = np.zeros(len(subset), bool)
-    with atomic_dir(out) as tmp:
-        sink = None
-        counts: list[int] = []
-        for shard in tqdm(pool.shards, desc="reshard", unit="shard"):
-            samples = [s for s in shards.iter_tar(pool.uri, shard)
-                       if U.is_valid_hex(str(s["json"].get("uid", "")))]
-            if not samples:
+    counts = _complete(build)
+    skip = sum(counts)           # samples already in closed output shards
+    sink = None
+
+    def close():
+        sink.close()
+        write_json(build / f"{len(counts) - 1:08d}_stats.json", {"count": counts[-1], "successes": counts[-1]})
+
+    for shard in tqdm(pool.shards, desc="reshard", unit="shard"):
+        samples = [s for s in shards.iter_tar(pool.uri, shard) if U.is_valid_hex(str(s["json"].get("uid", "")))]
+        if not samples:
+            continue
+        q = U.hex_to_array([s["json"]["uid"] for s in samples], sort=False)
+        lo = np.searchsorted(subset, q, side="left")
+        hi = np.searchsorted(subset, q, side="right")
+        for s, a, b in zip(samples, lo, hi):
+            if b == a:
                 continue
-            q = U.hex_to_array([s["json"]["uid"] for s in samples], sort=False)
-            lo = np.searchsorted(subset, q, side="left")
-            hi = np.searchsorted(subset, q, side="right")
-            for s, a, b in zip(samples, lo, hi):
-                if b == a:
+            seen[a:b] = True
+            found += 1
+            uid = s["json"]["uid"]
+            for j in range(b - a):
+                written += 1
+                if written <= skip:
                     continue
-                seen[a:b] = True
-                found += 1
-                uid = s["json"]["uid"]
-                for j in range(b - a):
-                    if sink is None or counts[-1] >= shard_size:
-                        if sink is not None:
-                            sink.close()
-                        sink = wds.TarWriter(str(tmp / f"{len(counts):08d}.tar"), mtime=shards.FIXED_MTIME)
-                        counts.append(0)
-                    sink.write({"__key__": f"{uid}-{j}", "jpg": s["jpg"], "txt": s["txt"], "json": s["json"]})
-                    counts[-1] += 1
-                    written += 1
-        if sink is not None:
-            sink.close()
-        for i, c in enumerate(counts):
-            write_json(tmp / f"{i:08d}_stats.json", {"count": c, "successes": c})
-        U.save(tmp / "sample_ids.npy", subset)
-        meta = {"output_shard_count": len(counts), "output_count": written,
-                "output_shard_format": "{:08d}.tar", "input_uids": int(len(subset)),
-                "unique_uids_found": found, "uids_not_found": int((~seen).sum()),
-                "shard_sizes": counts}
-        write_json(tmp / "meta.json", meta)
+                if sink is None or counts[-1] >= shard_size:
+                    if sink is not None:
+                        close()
+                    sink = wds.TarWriter(str(build / f"{len(counts):08d}.tar"), mtime=shards.FIXED_MTIME)
+                    counts.append(0)
+                sink.write({"__key__": f"{uid}-{j}", "jpg": s["jpg"], "txt": s["txt"], "json": s["json"]})
+                counts[-1] += 1
+    if sink is not None:
+        close()
+    U.save(build / "sample_ids.npy", subset)
+    meta = {"output_shard_count": len(counts), "output_count": written,
+            "output_shard_format": "{:08d}.tar", "input_uids": int(len(subset)),
+            "unique_uids_found": found, "uids_not_found": int((~seen).sum()),
+            "shard_sizes": counts}
+    write_json(build / "meta.json", meta)
     return meta
 
 

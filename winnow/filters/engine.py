@@ -6,6 +6,9 @@ dropped it. Global steps ``fit`` over the whole pool first. Memory is one shard 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -17,6 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from winnow import io as wio
 from winnow.compute import map_shards, release
 from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
 from winnow.filters import Step, build_step
@@ -121,8 +125,21 @@ def check_requirements(recipe: Recipe, pool: Pool) -> None:
         raise ParamsError(f"recipe '{recipe.name}' cannot run on this pool:\n  " + "\n  ".join(problems))
 
 
-def _verdicts(steps: list[Step], pool: Pool, shard: str) -> list[np.ndarray]:
-    """Each step's verdict on every sample of one shard (bool keep, or int multiplicity)."""
+def _verdicts(steps: list[Step], pool: Pool, shard: str, done: str | None = None) -> list[np.ndarray]:
+    """Each step's verdict on every sample of one shard (bool keep, or int multiplicity). With
+    ``done`` (a file in the run's work directory) a shard decided before is read back, and a newly
+    decided one is saved there, so a killed filter resumes without redoing finished shards."""
+    if done and Path(done).exists():
+        with np.load(done, allow_pickle=False) as z:
+            return [z[f"v{i}"] for i in range(len(steps))]
+    out = _decide(steps, pool, shard)
+    if done:
+        with atomic_file(done) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **{f"v{i}": v for i, v in enumerate(out)})
+    return out
+
+
+def _decide(steps: list[Step], pool: Pool, shard: str) -> list[np.ndarray]:
     batch = pool.batch(shard)
     out = []
     for step in steps:
@@ -143,21 +160,42 @@ def _explain(recipe: Recipe, pool: Pool, shard: str) -> dict[str, np.ndarray]:
 
 
 def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", workers: int = 1,
-        address: str | None = None) -> dict:
+        address: str | None = None, work_dir: str | None = None) -> dict:
     """Decide every sample, step by step, and write uids.npy + decisions.parquet. Returns the funnel.
 
     Consecutive per-sample steps share one pass over the shards; a global step first fits on the
     survivors of the steps before it. Only per-shard verdict arrays (bytes per sample) are kept.
     """
     try:
-        return _run(recipe, pool, out_dir, executor, workers, address)
+        return _run(recipe, pool, out_dir, executor, workers, address, work_dir)
     finally:
         release()
 
 
-def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, address: str | None) -> dict:
+def _work(recipe: Recipe, pool: Pool, work_dir: str | None) -> Path | None:
+    """The run's work directory, keyed by the recipe (every step's parameters) and the inputs' manifests;
+    other keys' leftovers are removed."""
+    if not work_dir:
+        return None
+    inputs = [json.dumps(recipe.model_dump(mode="json", exclude={"steps"}), sort_keys=True),
+              json.dumps([s.kind for s in recipe.steps] + [s.model_dump(mode="json") for s in recipe.steps], sort_keys=True),
+              json.dumps(pool.manifest, sort_keys=True), pool.uri]
+    if pool.embed_uri and wio.exists(m := wio.join(pool.embed_uri, "meta.json")):
+        inputs.append(wio.read_bytes(m).decode())
+    key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
+    root = Path(work_dir)
+    for old in (root.iterdir() if root.exists() else []):
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
+    (root / key).mkdir(parents=True, exist_ok=True)
+    return root / key
+
+
+def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, address: str | None,
+         work_dir: str | None = None) -> dict:
     pool, quarantined = probe_shards(recipe, pool)
     check_requirements(recipe, pool)
+    work = _work(recipe, pool, work_dir)
     labels, steps = recipe.labels(), recipe.steps
     verdicts: dict[str, list[np.ndarray]] = {s: [] for s in pool.shards}
 
@@ -177,7 +215,7 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
         while j < len(steps) and not steps[j].needs_fit():
             j += 1
         group = steps[i:j]
-        args = [(group, pool, s) for s in pool.shards]
+        args = [(group, pool, s, str(work / f"{i}-{s}.npz") if work else None) for s in pool.shards]
         desc = f"filter {recipe.name}: {', '.join(labels[i:j])}"
         for shard, vs in tqdm(zip(pool.shards, map_shards(_verdicts, args, executor, workers, address)),
                               total=len(pool.shards), desc=desc, unit="shard"):
@@ -218,6 +256,8 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
             writer.close()
     uids = U.hex_to_array(np.concatenate(kept_parts) if kept_parts else np.array([], str))
     U.save(out / "uids.npy", uids)
+    if work:        # complete: the per-shard verdicts are not needed any more
+        shutil.rmtree(work, ignore_errors=True)
     prev = total
     funnel_steps = []
     for k, (lab, step) in enumerate(zip(labels, steps)):
