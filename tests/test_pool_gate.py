@@ -38,7 +38,23 @@ def missing_column(pool):
     return ["missing_columns", "00000001", "sha256"]
 
 
-@pytest.mark.parametrize("corrupt", [nan_embeddings, truncated_tar, duplicate_uid, missing_column])
+def npz_row_mismatch(pool):
+    with np.load(pool / "00000001.npz") as z:
+        arrays = {k: z[k][:-1] for k in z.files}      # one row fewer than the parquet
+    np.savez(pool / "00000001.npz", **arrays)
+    return ["expect_column_pair_values_to_be_equal", "00000001"]
+
+
+def zero_norm_embedding(pool):
+    with np.load(pool / "00000002.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["l14_txt"][7] = 0
+    np.savez(pool / "00000002.npz", **arrays)
+    return ["embeddings_finite", "1 of 600 rows fail"]
+
+
+@pytest.mark.parametrize("corrupt", [nan_embeddings, truncated_tar, duplicate_uid, missing_column, npz_row_mismatch,
+                                     zero_norm_embedding])
 def test_bad_pool_stops_at_gate(corrupt, demo_pool, tmp_path):
     bad = tmp_path / "badpool"
     shutil.copytree(demo_pool, bad, ignore=shutil.ignore_patterns("trusted", "truth.parquet", "manifest.json"))
