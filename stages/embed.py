@@ -14,7 +14,7 @@ import torch
 from winnow import models
 from winnow.config import Params
 from winnow.embed import embed_pool, embed_targets
-from winnow.io import atomic_dir, cache_local, file_sha256, local, read_json, write_json
+from winnow.io import atomic_dir, cache_local, file_sha256, keyed_work_dir, local, read_json, write_json
 from winnow.pool import shards
 from winnow.pool.view import Pool
 from winnow.stage import main
@@ -31,11 +31,7 @@ def work_dir(spec: dict, p: Params) -> str:
     wid = file_sha256(weights) if weights and os.path.exists(weights) else str(weights)
     manifest = file_sha256(local("data/pool") / "manifest.json")
     key = hashlib.sha256(json.dumps([spec["model"], wid, spec["name"], manifest, p.embed.batch_size]).encode()).hexdigest()[:16]
-    root = local(WORK)
-    for old in (root.iterdir() if root.exists() else []):
-        if old.name != key:
-            shutil.rmtree(old, ignore_errors=True)
-    return str(root / key)
+    return str(keyed_work_dir(WORK, key))
 
 
 def body(p: Params) -> dict:

@@ -170,3 +170,14 @@ def cache_local(uri: str | os.PathLike) -> Path:
             continue
         s3.download(remote, target)
     return dest
+
+
+def keyed_work_dir(root: str | os.PathLike, key: str) -> Path:
+    """``root/key``, created; other keys' directories under ``root`` are leftovers of runs with other
+    inputs that will never be resumed, so they are removed."""
+    base = local(root)
+    for old in (base.iterdir() if base.exists() else []):
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
+    (base / key).mkdir(parents=True, exist_ok=True)
+    return base / key

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from winnow.io import atomic_dir, read_json, write_json
+from winnow.io import atomic_dir, keyed_work_dir, read_json, write_json
 from winnow.pool import shards
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
@@ -40,12 +40,7 @@ def _work(work_dir: str | None, pool: Pool, subset: np.ndarray, shard_size: int)
         return None
     key = hashlib.sha256(json.dumps([pool.uri, pool.manifest, shard_size], sort_keys=True).encode()
                          + subset.tobytes()).hexdigest()[:16]
-    root = Path(work_dir)
-    for old in (root.iterdir() if root.exists() else []):
-        if old.name != key:
-            shutil.rmtree(old, ignore_errors=True)
-    (root / key).mkdir(parents=True, exist_ok=True)
-    return root / key
+    return keyed_work_dir(work_dir, key)
 
 
 def _complete(build: Path) -> list[int]:

@@ -97,17 +97,27 @@ def open_stream(uri: str):
 
 def list_names(uri: str) -> list[str]:
     """Object names directly under the prefix ``uri`` (one level, like a directory listing)."""
+    return _list(uri, recursive=False)
+
+
+def list_keys(uri: str) -> list[str]:
+    """Every key under the prefix ``uri`` (recursive), relative to it."""
+    return _list(uri, recursive=True)
+
+
+def _list(uri: str, recursive: bool) -> list[str]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    names = []
+    kw = {} if recursive else {"Delimiter": "/"}
+    out = []
     try:
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **kw):
+            out += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
     except (ClientError, BotoCoreError) as exc:
         raise _explain(exc, uri, "cannot list") from None
-    return sorted(names)
+    return sorted(out)
 
 
 def download(uri: str, dest: str | Path) -> Path:
@@ -137,21 +147,6 @@ def upload_raw(src: str | Path, uri: str) -> None:
         client().upload_file(str(src), bucket, key, Config=_transfer_config())
     except (ClientError, BotoCoreError) as exc:
         raise _explain(exc, uri, "cannot upload") from None
-
-
-def list_keys(uri: str) -> list[str]:
-    """Every key under the prefix ``uri`` (recursive), relative to it."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, prefix = split(uri)
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    out = []
-    try:
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            out += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
-    except (ClientError, BotoCoreError) as exc:
-        raise _explain(exc, uri, "cannot list") from None
-    return sorted(out)
 
 
 def upload(src: str | Path, uri: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from winnow.io import keyed_work_dir
 from winnow.models import register_configs
 
 _LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?([\d.]+)/s, .*?LR: ([\d.eE+-]+) .*?"
@@ -69,11 +70,7 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     args += ["--log-every-n-steps", "1"]
     per_epoch = samples_per_checkpoint(samples_seen, batch_size, checkpoints)
     key = hashlib.sha256(json.dumps({"args": args, "data": data_id}).encode()).hexdigest()[:16]
-    work = Path(work_dir)
-    for old in (work.glob("*") if work.exists() else []):
-        if old.name != key:     # a run with other inputs: it will never be resumed
-            shutil.rmtree(old, ignore_errors=True)
-    logs = work / key
+    logs = keyed_work_dir(work_dir, key)
     args += ["--logs", str(logs), "--name", "run"]
     root = logging.getLogger()
     handlers = list(root.handlers)

@@ -24,7 +24,7 @@ from winnow import io as wio
 from winnow.compute import map_shards, release
 from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
 from winnow.filters import Step, build_step
-from winnow.io import atomic_file, local
+from winnow.io import atomic_file, keyed_work_dir, local
 from winnow.pool import uids as U
 from winnow.pool.shards import ShardError
 from winnow.pool.view import Pool
@@ -182,13 +182,7 @@ def _work(recipe: Recipe, pool: Pool, work_dir: str | None) -> Path | None:
               json.dumps(pool.manifest, sort_keys=True), pool.uri]
     if pool.embed_uri and wio.exists(m := wio.join(pool.embed_uri, "meta.json")):
         inputs.append(wio.read_bytes(m).decode())
-    key = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
-    root = Path(work_dir)
-    for old in (root.iterdir() if root.exists() else []):
-        if old.name != key:
-            shutil.rmtree(old, ignore_errors=True)
-    (root / key).mkdir(parents=True, exist_ok=True)
-    return root / key
+    return keyed_work_dir(work_dir, hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16])
 
 
 def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, address: str | None,
