@@ -85,6 +85,16 @@ def test_filter_change_reruns_only_downstream(project):
     assert funnel["recipe"] == "basic" and [s["step"] for s in funnel["steps"]] == ["language", "caption_length", "image_size"]
 
 
+def test_dvc_experiment_reruns_only_downstream(project):
+    """`dvc exp run` resets the workspace to the baseline commit: every output must come back from
+    the cache (no `cache: false` outputs), or each experiment would re-run the whole pipeline."""
+    env = env_for_subprocess()
+    subprocess.run(["git", "add", "-A"], cwd=project, env=env, check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=project, env=env, check=True, capture_output=True)
+    proc = dvc(project, "exp", "run", "-S", "train.seed=1", "-n", "seed1", check=True)
+    assert ran(proc) == ["train", "evaluate", "report"]
+
+
 def test_prefect_flow_runs_one_task_per_stage(project, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
