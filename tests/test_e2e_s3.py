@@ -37,6 +37,12 @@ def test_pipeline_reads_its_pool_from_s3_and_publishes_every_output(s3_server, d
     assert s3.read_bytes(f"{run}/data/filter/uids.npy") == (proj / "data/filter/uids.npy").read_bytes()
     assert s3.exists(f"{run}/models/clip/checkpoint.pt") and s3.exists(f"{run}/data/subset/meta.json")
     assert s3.read_bytes(f"{run}/reports/eval/summary.json") == (proj / "reports/eval/summary.json").read_bytes()
+    # stages DVC skips publish nothing; `winnow publish` republishes every current output
+    s3.client().delete_object(Bucket=BUCKET, Key="e2e/run/data/filter/_SUCCESS.json")
+    pub = subprocess.run([sys.executable, "-m", "winnow", "publish"], cwd=proj, env=env_for_subprocess(),
+                         capture_output=True, text=True)
+    assert pub.returncode == 0, pub.stderr[-2000:]
+    assert publish.is_complete(f"{run}/data/filter") and "filter: s3://" in pub.stdout
     manifest = (proj / "data/pool/manifest.json").read_text()
     assert pool_uri in manifest
 

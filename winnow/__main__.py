@@ -2,6 +2,7 @@
 ``python -m winnow check``: validate params.yaml and the recipe without running anything.
 ``python -m winnow compare``: MLflow runs side by side (reports/compare/runs.md).
 ``python -m winnow sweep``: recipes x seeds as DVC experiments (reports/compare/demo.md).
+``python -m winnow publish``: every stage's current outputs to storage.uri.
 ``python -m winnow launch``: the torchrun command of a scale preset for a GPU cluster."""
 from __future__ import annotations
 
@@ -93,7 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--seeds", default="0,1,2")
     swp.add_argument("--scale", default="tiny")
     swp.add_argument("--table-only", action="store_true", help="rebuild the table from the saved results")
+    pub = sub.add_parser("publish", help="publish every stage's current outputs to storage.uri (stages DVC skipped too)")
+    pub.add_argument("--uri", default=None, help="s3://bucket/prefix (default: storage.uri)")
     args, extra = ap.parse_known_args(argv)
+    if args.cmd == "publish":
+        import yaml
+
+        from winnow.config import load_params
+        from winnow.publish import publish_stage
+
+        uri = args.uri or load_params().storage.uri
+        if not uri:
+            print("no storage.uri in params.yaml and no --uri", file=sys.stderr)
+            return 2
+        for stage in yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"]:
+            for r in publish_stage(stage, uri):
+                print(f"{stage}: {r['uri']} ({r['files']} files)")
+        return 0
     if args.cmd == "sweep":
         from winnow import sweep
 
