@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from winnow.filters.base import Step, register
 from winnow.pool import uids as U
@@ -45,3 +45,57 @@ class DedupExact(Step):
 
     def state(self) -> dict:
         return {"unique_images": self._groups, "duplicates": int(sum(len(v) for v in self._drop.values()))}
+
+
+@register
+class DedupNear(Step):
+    """Keep the first survivor (pool order) of each group of near-identical images: a sample is a
+    near duplicate when the cosine of its image embedding (``embedding``) with an earlier kept
+    sample's is at least ``threshold`` (re-encodes, resizes, small crops of the same picture).
+
+    Earlier kept samples are held as a float16 matrix of unique images, searched in blocks, so
+    memory is (unique images x dim x 2 bytes) — 1.5 GB per million 768-d images; past DataComp
+    small, cluster first (``image_clusters``) or run per partition.
+    """
+    kind = "dedup_near"
+    embedding: str = "scorer_img"
+    threshold: float = Field(0.95, gt=0, le=1)
+    block: int = Field(4096, ge=1)
+    _drop: dict = PrivateAttr(default_factory=dict)
+    _unique: int = PrivateAttr(0)
+    is_global = True
+
+    def requires(self):
+        return [], [self.embedding]
+
+    def fit(self, pool, alive) -> None:
+        kept = np.zeros((0, 0), np.float16)
+        for shard in pool.shards:
+            rows = np.flatnonzero(alive(shard))
+            e = pool.batch(shard).embedding(self.embedding)[rows]
+            ok = np.isfinite(e).all(axis=1)          # quarantined images (NaN) are never duplicates
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            drop = []
+            for i in range(0, len(rows), self.block):
+                chunk = e[i: i + self.block]
+                dup = np.zeros(len(chunk), bool)
+                if kept.size:
+                    for j in range(0, len(kept), self.block):   # against everything kept before
+                        dup |= (chunk @ kept[j: j + self.block].astype(np.float32).T >= self.threshold).any(1)
+                sims = chunk @ chunk.T                           # within the chunk: any earlier row counts
+                dup |= np.triu(sims >= self.threshold, k=1).T.any(1)
+                dup &= ok[i: i + self.block]
+                fresh = ~dup & ok[i: i + self.block]
+                kept = chunk[fresh].astype(np.float16) if not kept.size else np.concatenate([kept, chunk[fresh].astype(np.float16)])
+                drop.append(rows[i: i + self.block][dup])
+            if drop and (d := np.concatenate(drop)).size:
+                self._drop[shard] = d
+        self._unique = int(len(kept))
+
+    def keep(self, batch) -> np.ndarray:
+        m = np.ones(len(batch), bool)
+        m[self._drop.get(batch.shard, [])] = False
+        return m
+
+    def state(self) -> dict:
+        return {"unique_images": self._unique, "near_duplicates": int(sum(len(v) for v in self._drop.values()))}
