@@ -82,6 +82,7 @@ def body(p: Params) -> dict:
         summary = {"shards": len(per_shard), "rows": int(len(df)), "embedded": int(df.image_ok.sum()),
                    "corrupt_images": int(sum(r["corrupt_images"] for r in per_shard)),
                    "missing_images": int(sum(r["missing_images"] for r in per_shard)),
+                   "unreadable_tars": int(sum(bool(r.get("tar_error")) for r in per_shard)),
                    "keys": [f"{name}_img", f"{name}_img_flip", f"{name}_txt"], "scorer": spec,
                    "targets": targets}
         write_json(tmp / "meta.json", summary | {"per_shard": per_shard, "devices": devices, "compile": compile_})

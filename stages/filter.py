@@ -5,7 +5,7 @@ import pandas as pd
 from winnow import io as wio
 from winnow.config import Params
 from winnow.filters.engine import load_recipe, run, truth_metrics
-from winnow.io import write_json
+from winnow.io import read_json, write_json
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
 from winnow.stage import main
@@ -22,6 +22,9 @@ def body(p: Params) -> dict:
     decisions = pd.read_parquet(f"{OUT}/decisions.parquet")
     if pool.truth_path:
         funnel["truth"] = truth_metrics(decisions, pd.read_parquet(wio.source(pool.truth_path)), recipe.labels())
+    if wio.exists("data/embed/meta.json"):   # what the embed stage quarantined never reaches a step as an image
+        emb = read_json("data/embed/meta.json")
+        funnel["quarantine"] = {k: emb.get(k, 0) for k in ("corrupt_images", "missing_images", "unreadable_tars")}
     write_json("reports/filter/funnel.json", funnel)
     subset = U.load(f"{OUT}/uids.npy")
     pool_ids = U.hex_to_array(decisions["uid"].to_numpy())

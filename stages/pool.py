@@ -21,7 +21,7 @@ def body(p: Params) -> dict:
         with atomic_dir(OUT) as tmp:
             write_json(tmp / "manifest.json", summary)
     gate = Gate("pool")
-    stats = checks.check_pool(Pool.open(OUT), gate)
+    stats = checks.check_pool(Pool.open(OUT), gate, max_unreadable_tars=p.pool.max_unreadable_tars)
     gate.finish()
     return {"num_shards": summary["num_shards"], **stats}
 

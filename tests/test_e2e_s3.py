@@ -21,10 +21,11 @@ def test_pipeline_reads_its_pool_from_s3_and_publishes_every_output(s3_server, d
     params = copy.deepcopy(MICRO_PARAMS)
     params["pool"].update(source="datacomp", uri=pool_uri)
     params["scorer"]["train"]["trusted_uri"] = f"{pool_uri}/trusted"
-    params["storage"] = {"uri": f"s3://{BUCKET}/e2e/run"}
+    params["storage"] = {"uri": f"s3://{BUCKET}/e2e/run", "endpoint_url": s3_server.endpoint}
     proj = make_project(tmp_path_factory.mktemp("e2e-s3"), params)
-    proc = subprocess.run([sys.executable, "-m", "winnow", "run"], cwd=proj, env=env_for_subprocess(),
-                          capture_output=True, text=True)
+    env = env_for_subprocess()
+    env.pop("WINNOW_S3_ENDPOINT")            # the endpoint comes from params.yaml; credentials from the env
+    proc = subprocess.run([sys.executable, "-m", "winnow", "run"], cwd=proj, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "published" in proc.stderr
 
@@ -39,8 +40,7 @@ def test_pipeline_reads_its_pool_from_s3_and_publishes_every_output(s3_server, d
     assert s3.read_bytes(f"{run}/reports/eval/summary.json") == (proj / "reports/eval/summary.json").read_bytes()
     # stages DVC skips publish nothing; `winnow publish` republishes every current output
     s3.client().delete_object(Bucket=BUCKET, Key="e2e/run/data/filter/_SUCCESS.json")
-    pub = subprocess.run([sys.executable, "-m", "winnow", "publish"], cwd=proj, env=env_for_subprocess(),
-                         capture_output=True, text=True)
+    pub = subprocess.run([sys.executable, "-m", "winnow", "publish"], cwd=proj, env=env, capture_output=True, text=True)
     assert pub.returncode == 0, pub.stderr[-2000:]
     assert publish.is_complete(f"{run}/data/filter") and "filter: s3://" in pub.stdout
     manifest = (proj / "data/pool/manifest.json").read_text()

@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         from winnow.config import load_params
         from winnow.publish import publish_stage
 
-        uri = args.uri or load_params().storage.uri
+        params = load_params()
+        uri = args.uri or params.storage.uri
+        if params.storage.endpoint_url:
+            from winnow import s3
+
+            s3.use_endpoint(params.storage.endpoint_url)
         if not uri:
             print("no storage.uri in params.yaml and no --uri", file=sys.stderr)
             return 2

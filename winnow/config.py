@@ -42,6 +42,7 @@ class Pool(Section):
     trusted_samples: int = Field(2000, ge=1)
     image_size: int = Field(64, ge=16)
     noise: Noise = Noise()
+    max_unreadable_tars: float = Field(0.0, ge=0, lt=1)   # gate: share of shards whose tar may be truncated/corrupt
 
 
 class Eval(Section):
@@ -98,7 +99,8 @@ class Tracking(Section):
 
 
 class Storage(Section):
-    uri: str | None = None   # s3://bucket/prefix: every stage publishes its outputs there (winnow/publish.py)
+    uri: str | None = None            # s3://bucket/prefix: every stage publishes its outputs there (winnow/publish.py)
+    endpoint_url: str | None = None   # an S3-compatible store (else AWS_ENDPOINT_URL / WINNOW_S3_ENDPOINT / AWS)
 
 
 class Params(Section):

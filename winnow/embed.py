@@ -4,8 +4,9 @@ For each pool shard writes ``<out>/{n:08d}.npz`` (row i <-> parquet row i):
 ``<name>_img``, ``<name>_img_flip``, ``<name>_txt`` (L2-normalised, float16), and
 ``<out>/{n:08d}.parquet`` with ``uid``, ``<name>_score`` (cosine of image and text),
 ``<name>_flip_score`` (the same on the horizontally flipped image) and ``image_ok``.
-An image that does not decode, or a uid with no image, is quarantined: NaN embeddings,
-``image_ok = False``, counted in the summary — never a crash, never silently dropped.
+An image that does not decode, a uid with no image, or the images after the cut of a truncated tar
+are quarantined: NaN embeddings, ``image_ok = False``, counted in the summary — never a crash,
+never silently dropped; the stage's gate decides by threshold (share of rows with an image).
 
 Streaming: shards are read, decoded, preprocessed (original and mirrored) and tokenised in
 DataLoader worker processes while the model encodes the previous batch; on a GPU, batches are pinned
@@ -65,24 +66,27 @@ class ShardStream(torch.utils.data.IterableDataset):
         texts = [t if isinstance(t, str) else "" for t in meta["text"].to_pylist()]
         row_of = {u: i for i, u in enumerate(uids)}
         images: dict[int, object] = {}
-        corrupt, unknown = [], []
-        for s in shards.iter_tar(self.pool_uri, shard):
-            i = row_of.get(s["json"].get("uid"))
-            if i is None:
-                unknown.append(s["__key__"])
-                continue
-            if self.decode == "tensor":     # decoded later on the model's device; empty bytes are corrupt here
-                if s["jpg"]:
-                    images[i] = torch.frombuffer(bytearray(s["jpg"]), dtype=torch.uint8)
-                else:
+        corrupt, unknown, tar_error = [], [], ""
+        try:
+            for s in shards.iter_tar(self.pool_uri, shard):
+                i = row_of.get(s["json"].get("uid"))
+                if i is None:
+                    unknown.append(s["__key__"])
+                    continue
+                if self.decode == "tensor":     # decoded later on the model's device; empty bytes are corrupt here
+                    if s["jpg"]:
+                        images[i] = torch.frombuffer(bytearray(s["jpg"]), dtype=torch.uint8)
+                    else:
+                        corrupt.append(uids[i])
+                    continue
+                try:
+                    images[i] = shards.decode_image(s["jpg"] or b"")
+                except ValueError:
                     corrupt.append(uids[i])
-                continue
-            try:
-                images[i] = shards.decode_image(s["jpg"] or b"")
-            except ValueError:
-                corrupt.append(uids[i])
+        except shards.ShardError as exc:   # a truncated tar: the images after the cut are missing, counted
+            tar_error = str(exc)
         yield ("start", shard, {"uids": uids, "tokens": self.tokenizer(texts) if texts else None,
-                                "corrupt": corrupt, "unknown": len(unknown)})
+                                "corrupt": corrupt, "unknown": len(unknown), "tar_error": tar_error})
         rows = sorted(images)
         for k in range(0, len(rows), self.batch_size):
             chunk = rows[k: k + self.batch_size]
@@ -151,7 +155,7 @@ def _finish_shard(state: dict, enc: Encoder, out: Path, shard: str, name: str, b
         pq.write_table(table, tmp)
     stats = {"shard": shard, "rows": n, "embedded": int(ok.sum()), "corrupt_images": len(info["corrupt"]),
              "missing_images": int(n - ok.sum() - len(info["corrupt"])), "unknown_tar_members": info["unknown"],
-             "corrupt_uids": info["corrupt"][:5]}
+             "tar_error": info["tar_error"], "corrupt_uids": info["corrupt"][:5]}
     write_json(out / f"{shard}.done.json", stats)     # last: the shard is complete
     return stats
 

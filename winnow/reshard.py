@@ -67,8 +67,15 @@ def _write(pool: Pool, subset: np.ndarray, build: Path, shard_size: int) -> dict
         sink.close()
         write_json(build / f"{len(counts) - 1:08d}_stats.json", {"count": counts[-1], "successes": counts[-1]})
 
+    unreadable = []
     for shard in tqdm(pool.shards, desc="reshard", unit="shard"):
-        samples = [s for s in shards.iter_tar(pool.uri, shard) if U.is_valid_hex(str(s["json"].get("uid", "")))]
+        samples = []
+        try:
+            for s in shards.iter_tar(pool.uri, shard):
+                if U.is_valid_hex(str(s["json"].get("uid", ""))):
+                    samples.append(s)
+        except shards.ShardError as exc:   # a truncated tar: what precedes the cut is written, the rest counted
+            unreadable.append(str(exc))
         if not samples:
             continue
         q = U.hex_to_array([s["json"]["uid"] for s in samples], sort=False)
@@ -97,7 +104,7 @@ def _write(pool: Pool, subset: np.ndarray, build: Path, shard_size: int) -> dict
     meta = {"output_shard_count": len(counts), "output_count": written,
             "output_shard_format": "{:08d}.tar", "input_uids": int(len(subset)),
             "unique_uids_found": found, "uids_not_found": int((~seen).sum()),
-            "shard_sizes": counts}
+            "unreadable_tars": unreadable, "shard_sizes": counts}
     write_json(build / "meta.json", meta)
     return meta
 

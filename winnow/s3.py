@@ -32,6 +32,13 @@ def split(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def use_endpoint(url: str) -> None:
+    """The endpoint from params (storage.endpoint_url), unless the environment names one."""
+    if not os.environ.get("WINNOW_S3_ENDPOINT"):
+        os.environ["WINNOW_S3_ENDPOINT"] = url
+        client.cache_clear()
+
+
 @functools.cache
 def client():
     import boto3

@@ -32,6 +32,10 @@ def main(stage: str, sections: list[str], body: Callable[[Params], dict]) -> Non
     t0 = time.time()
     try:
         params = load_params()
+        if params.storage.endpoint_url:
+            from winnow import s3
+
+            s3.use_endpoint(params.storage.endpoint_url)
         with track.stage_run(stage, params, sections):
             metrics = body(params) or {}
             if params.storage.uri:   # after the gate: only validated outputs are published

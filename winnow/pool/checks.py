@@ -56,7 +56,9 @@ def inspect_shard(pool: Pool, shard: str) -> tuple[dict, pd.DataFrame]:
     return row, df
 
 
-def check_pool(pool: Pool, gate: Gate, min_image_fraction: float = 0.8) -> dict:
+def check_pool(pool: Pool, gate: Gate, min_image_fraction: float = 0.8, max_unreadable_tars: float = 0.0) -> dict:
+    """The pool gate. A truncated or corrupt tar fails it unless the share of such shards is within
+    ``max_unreadable_tars`` (then their images count as missing, and downstream stages quarantine them)."""
     E = expect()
     shard_rows, frames = [], []
     for shard in pool.shards:
@@ -69,7 +71,7 @@ def check_pool(pool: Pool, gate: Gate, min_image_fraction: float = 0.8) -> dict:
         E.ExpectColumnValuesToBeInSet(column="missing_columns", value_set=[""]),
         E.ExpectColumnValuesToBeBetween(column="parquet_rows", min_value=1),
         E.ExpectColumnPairValuesToBeEqual(column_A="parquet_rows", column_B="npz_rows"),
-        E.ExpectColumnValuesToBeInSet(column="tar_readable", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="tar_readable", value_set=[True], mostly=1.0 - max_unreadable_tars),
     ], id_column=["shard", "tar_error"])
     rules = [
         E.ExpectColumnValuesToNotBeNull(column="uid"),
