@@ -37,8 +37,11 @@ def run_one(recipe: str, seed: int, scale: str) -> dict:
 
     set_params("params.yaml", {"filter.recipe": recipe, "train.seed": seed, "train.scale": scale})
     name = f"{recipe}-s{seed}"
+    # an experiment of the same name from an earlier sweep is replaced (`exp run --force` would also
+    # force every stage to re-run, which is not what a sweep wants)
+    subprocess.run(["dvc", "exp", "remove", name], env=_env(), capture_output=True)
     with track.pipeline_run(load_params(), name=f"sweep {name}"):
-        proc = subprocess.run(["dvc", "exp", "run", "-n", name, "--force"], env=_env())
+        proc = subprocess.run(["dvc", "exp", "run", "-n", name], env=_env())
     if proc.returncode != 0:
         raise RuntimeError(f"dvc exp run for {name} failed (exit {proc.returncode})")
     summary, funnel = read_json("reports/eval/summary.json"), read_json("reports/filter/funnel.json")
