@@ -178,8 +178,12 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
     enc = Encoder(model, device, compile)
     tensor_pre = TensorPreprocess(model.visual.preprocess_cfg, device) if decode == "tensor" else None
     stream = ShardStream(pool.uri, todo, preprocess, tokenizer, batch_size, decode)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(workers, len(todo)),
-                                         pin_memory=enc.cuda, prefetch_factor=4 if workers else None,
+    n_workers = min(workers, len(todo))
+    # spawned, not forked: a worker must not inherit the parent's threads, locks and exit handlers
+    # (Prefect, MLflow, Dask clients), which made forked workers fail on exit after a long session
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=n_workers,
+                                         pin_memory=enc.cuda, prefetch_factor=4 if n_workers else None,
+                                         multiprocessing_context="spawn" if n_workers else None,
                                          persistent_workers=False)
     states: dict[str, dict] = {}
     bar = tqdm(total=len(shard_list), initial=len(shard_list) - len(todo), desc=progress, unit="shard")

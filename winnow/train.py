@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -71,6 +72,7 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     per_epoch = samples_per_checkpoint(samples_seen, batch_size, checkpoints)
     key = hashlib.sha256(json.dumps({"args": args, "data": data_id}).encode()).hexdigest()[:16]
     logs = keyed_work_dir(work_dir, key)
+    _repair_latest(logs / "run" / "checkpoints")
     args += ["--logs", str(logs), "--name", "run"]
     root = logging.getLogger()
     handlers = list(root.handlers)
@@ -101,6 +103,33 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     shutil.rmtree(logs, ignore_errors=True)
     return {"checkpoint": str(out / "checkpoint.pt"), "curve": curve, "steps": len(curve),
             "samples_per_epoch": per_epoch, "resumed_from_epochs": resumed}
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint file completed, or None if it does not load (a save cut by a kill)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:
+        return None
+
+
+def _repair_latest(ckpt_dir: Path) -> None:
+    """open_clip_train resumes only from ``epoch_latest.pt``, which it writes just after
+    ``epoch_<n>.pt``: a kill between the two (or during the second) would restart from scratch.
+    Point ``epoch_latest.pt`` at the newest ``epoch_<n>.pt`` that loads, when that is newer."""
+    if not ckpt_dir.exists():
+        return
+    latest = ckpt_dir / "epoch_latest.pt"
+    have = _checkpoint_epoch(latest) if latest.exists() else None
+    numbered = sorted((int(p.stem.split("_")[1]), p) for p in ckpt_dir.glob("epoch_[0-9]*.pt"))
+    for n, p in reversed(numbered):
+        if have is not None and n <= have:
+            return
+        if _checkpoint_epoch(p) == n:
+            tmp = ckpt_dir / ".epoch_latest.pt.tmp"
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, latest)
+            return
 
 
 def parse_log(text: str, per_epoch: int) -> list[dict]:
