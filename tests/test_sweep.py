@@ -18,6 +18,8 @@ def test_table_statistics_and_verdict():
     assert stats["good"]["average"]["std"] == pytest.approx(0.01)
     assert stats["good"]["delta_vs_baseline"] == pytest.approx(0.04)
     assert stats["good"]["beats_baseline_beyond_spread"] is True
+    assert stats["good"]["beats_baseline_beyond_std"] is True
     assert stats["overlap"]["beats_baseline_beyond_spread"] is False      # 0.115 < no_filter's best 0.12
+    assert stats["overlap"]["beats_baseline_beyond_std"] is True          # Δ 0.018 > std 0.0126
     assert "beats_baseline_beyond_spread" not in stats["no_filter"]
     assert "| good | 1000 | 16000 | 3 | 0.150 ± 0.010 (0.140–0.160) |" in text
