@@ -81,6 +81,7 @@ def _stats(xs: list[float]) -> dict:
 def table(rows: list[dict], baseline: str = "no_filter") -> tuple[str, dict]:
     """The markdown table and the per-recipe statistics."""
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    recipes.sort(key=lambda r: r != baseline)      # the baseline first, the rest in sweep order
     groups = sorted({g for r in rows for g in r["groups"]})
     stats = {}
     for rec in recipes:
