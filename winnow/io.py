@@ -46,14 +46,10 @@ def exists(uri: str | os.PathLike) -> bool:
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
-    """The whole object; a missing one raises FileNotFoundError whatever the backend."""
+    """The whole object; a missing one raises FileNotFoundError whatever the backend (s3.S3NotFound is one)."""
     from winnow import s3
 
-    if not is_remote(uri):
-        return local(uri).read_bytes()
-    if not s3.exists(os.fspath(uri)):
-        raise FileNotFoundError(f"{uri} does not exist")
-    return s3.read_bytes(os.fspath(uri))
+    return s3.read_bytes(os.fspath(uri)) if is_remote(uri) else local(uri).read_bytes()
 
 
 @contextlib.contextmanager
@@ -65,8 +61,6 @@ def open_read(uri: str | os.PathLike):
         with open(local(uri), "rb") as fh:
             yield fh
         return
-    if not s3.exists(os.fspath(uri)):
-        raise FileNotFoundError(f"{uri} does not exist")
     body = s3.open_stream(os.fspath(uri))
     try:
         yield body
@@ -163,12 +157,10 @@ def cache_local(uri: str | os.PathLike) -> Path:
         return local(uri)
     bucket, prefix = s3.split(os.fspath(uri))
     dest = CACHE / "s3" / bucket / prefix.rstrip("/")
-    for name in s3.list_keys(os.fspath(uri)):
+    for name, size in s3.list_sizes(os.fspath(uri)).items():   # the listing carries sizes: no HEAD per file
         target = dest / name
-        remote = f"{os.fspath(uri).rstrip('/')}/{name}"
-        if target.exists() and target.stat().st_size == s3.client().head_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/{name}")["ContentLength"]:
-            continue
-        s3.download(remote, target)
+        if not (target.exists() and target.stat().st_size == size):
+            s3.download(f"{os.fspath(uri).rstrip('/')}/{name}", target)
     return dest
 
 

@@ -23,13 +23,11 @@ def register_configs() -> list[str]:
     return sorted(p.stem for p in (CONFIGS / "models").glob("*.json"))
 
 
-CACHE = Path(".winnow/cache")
-
-
 def resolve_weights(pretrained: str | None) -> str | None:
     """An ``s3://`` checkpoint is downloaded once into ``.winnow/cache/s3/<bucket>/<key>`` (atomic);
     tags and local paths pass through."""
     from winnow import s3
+    from winnow.io import CACHE
 
     if pretrained and s3.is_s3(pretrained):
         bucket, key = s3.split(pretrained)

@@ -10,12 +10,13 @@ A reader trusts an output prefix only when its manifest is there.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from pathlib import Path
 
 import yaml
+
+from winnow.io import file_sha256
 
 MANIFEST = "_SUCCESS.json"
 
@@ -39,14 +40,6 @@ def _files(path: Path) -> list[tuple[str, Path]]:
     return sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def publish_output(local_path: str | Path, uri: str) -> dict:
     """Publish one output to ``uri``: a file as one object, a directory with the commit protocol above."""
     from winnow import s3
@@ -60,7 +53,7 @@ def publish_output(local_path: str | Path, uri: str) -> dict:
     key = key.rstrip("/")
     tmp_prefix = f"{key}.{uuid.uuid4().hex}.tmp"
     c = s3.client()
-    manifest = {"files": {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in files}}
+    manifest = {"files": {name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for name, p in files}}
     try:
         for name, p in files:                                  # 1. everything to a temporary prefix
             s3.upload_raw(p, f"s3://{bucket}/{tmp_prefix}/{name}")

@@ -19,6 +19,10 @@ class S3Error(RuntimeError):
     pass
 
 
+class S3NotFound(S3Error, FileNotFoundError):
+    """The object does not exist: an S3Error that also reads as a missing file."""
+
+
 def is_s3(uri: str | os.PathLike) -> bool:
     return os.fspath(uri).startswith("s3://")
 
@@ -62,6 +66,8 @@ def _explain(exc: Exception, uri: str, what: str) -> S3Error:
 
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return S3NotFound(f"{what} {uri}: {code} (no such object)")
         return S3Error(f"{what} {uri}: {code or 'error'} ({exc.response.get('Error', {}).get('Message', '')})")
     return S3Error(f"{what} {uri}: {type(exc).__name__}: {exc}")
 
@@ -104,27 +110,32 @@ def open_stream(uri: str):
 
 def list_names(uri: str) -> list[str]:
     """Object names directly under the prefix ``uri`` (one level, like a directory listing)."""
-    return _list(uri, recursive=False)
+    return sorted(_list(uri, recursive=False))
 
 
 def list_keys(uri: str) -> list[str]:
     """Every key under the prefix ``uri`` (recursive), relative to it."""
+    return sorted(list_sizes(uri))
+
+
+def list_sizes(uri: str) -> dict[str, int]:
+    """Every key under the prefix ``uri`` (recursive), relative to it, with its size in bytes."""
     return _list(uri, recursive=True)
 
 
-def _list(uri: str, recursive: bool) -> list[str]:
+def _list(uri: str, recursive: bool) -> dict[str, int]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     kw = {} if recursive else {"Delimiter": "/"}
-    out = []
+    out: dict[str, int] = {}
     try:
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **kw):
-            out += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            out.update({o["Key"][len(prefix):]: o["Size"] for o in page.get("Contents", [])})
     except (ClientError, BotoCoreError) as exc:
         raise _explain(exc, uri, "cannot list") from None
-    return sorted(out)
+    return out
 
 
 def download(uri: str, dest: str | Path) -> Path:

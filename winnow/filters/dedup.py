@@ -8,12 +8,21 @@ from winnow.filters.base import Step, register
 from winnow.pool import uids as U
 
 
+class _DropsRows(Step):
+    """A global dedup step: ``fit`` fills ``_drop`` (shard -> row indices); ``keep`` applies it."""
+    _drop: dict = PrivateAttr(default_factory=dict)
+
+    def keep(self, batch) -> np.ndarray:
+        m = np.ones(len(batch), bool)
+        m[self._drop.get(batch.shard, [])] = False
+        return m
+
+
 @register
-class DedupExact(Step):
+class DedupExact(_DropsRows):
     """Keep the first survivor (pool order) of each group of byte-identical images (``sha256``)."""
     kind = "dedup_exact"
     column: str = "sha256"
-    _drop: dict = PrivateAttr(default_factory=dict)
     _groups: int = PrivateAttr(0)
     is_global = True
 
@@ -38,17 +47,13 @@ class DedupExact(Step):
         self._groups = int(first.sum())
         self._drop = {pool.shards[k]: dup[dup[:, 0] == k, 1] for k in np.unique(dup[:, 0])}
 
-    def keep(self, batch) -> np.ndarray:
-        m = np.ones(len(batch), bool)
-        m[self._drop.get(batch.shard, [])] = False
-        return m
 
     def state(self) -> dict:
         return {"unique_images": self._groups, "duplicates": int(sum(len(v) for v in self._drop.values()))}
 
 
 @register
-class DedupNear(Step):
+class DedupNear(_DropsRows):
     """Keep the first survivor (pool order) of each group of near-identical images: a sample is a
     near duplicate when the cosine of its image embedding (``embedding``) with an earlier kept
     sample's is at least ``threshold`` (re-encodes, resizes, small crops of the same picture).
@@ -61,7 +66,6 @@ class DedupNear(Step):
     embedding: str = "scorer_img"
     threshold: float = Field(0.95, gt=0, le=1)
     block: int = Field(4096, ge=1)
-    _drop: dict = PrivateAttr(default_factory=dict)
     _unique: int = PrivateAttr(0)
     is_global = True
 
@@ -92,10 +96,6 @@ class DedupNear(Step):
                 self._drop[shard] = d
         self._unique = int(len(kept))
 
-    def keep(self, batch) -> np.ndarray:
-        m = np.ones(len(batch), bool)
-        m[self._drop.get(batch.shard, [])] = False
-        return m
 
     def state(self) -> dict:
         return {"unique_images": self._unique, "near_duplicates": int(sum(len(v) for v in self._drop.values()))}
