@@ -95,3 +95,16 @@ def s3_server(tmp_path_factory):
             else:
                 os.environ[k] = v
         s3.client.cache_clear()
+
+
+def kill_when(proc, ready, timeout: float = 120, poll: float = 0.005) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (or it exits, or ``timeout`` passes): the
+    kill tests' way of interrupting a job mid-run."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -88,12 +88,10 @@ def _same(a, b):
 
 def test_embed_resumes_per_shard_and_splits_over_devices(demo_pool, tmp_path):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
-    from tests.conftest import ROOT, env_for_subprocess
+    from tests.conftest import ROOT, env_for_subprocess, kill_when
 
     spec = _random_checkpoint(tmp_path / "ckpt.pt")
     pool = Pool.open(str(demo_pool))
@@ -108,11 +106,7 @@ def test_embed_resumes_per_shard_and_splits_over_devices(demo_pool, tmp_path):
               "from winnow.embed import embed_pool\nfrom winnow.pool.view import Pool\n"
               f"embed_pool(Pool.open({str(demo_pool)!r}), {spec!r}, {str(out)!r}, batch_size=64, workers=1)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env_for_subprocess())
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.done.json")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: list(out.glob("*.done.json")), poll=0.02)
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*")}
     assert 1 <= len([n for n in finished if n.endswith(".done.json")]) < 3, "killed too late"
     res = embed_pool(pool, spec, out, batch_size=64, workers=0)

@@ -1,11 +1,9 @@
 """Shard-level jobs resume after SIGKILL: finished shards are not redone and the outputs equal an
 uninterrupted run's, byte for byte."""
-import signal
 import subprocess
 import sys
-import time
 
-from tests.conftest import ROOT, env_for_subprocess
+from tests.conftest import ROOT, env_for_subprocess, kill_when
 
 
 def _bench_pool(path, samples=60000, shards=12):
@@ -30,11 +28,7 @@ def test_killed_filter_resumes_from_its_finished_shards(tmp_path, monkeypatch):
               "from winnow.filters import engine\nfrom winnow.pool.view import Pool\n"
               f"engine.run(engine.load_recipe('basic'), Pool.open({str(pool_dir)!r}), {str(out)!r}, work_dir={str(work)!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env_for_subprocess())
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(work.glob("*/0-*.npz")):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: list(work.glob("*/0-*.npz")))
     done = sorted(p.name for p in work.glob("*/0-*.npz"))
     assert 1 <= len(done) < 12, f"killed too early or too late: {done}"
     assert not (out / "uids.npy").exists()
@@ -71,11 +65,7 @@ def test_killed_reshard_resumes_after_its_last_closed_shard(demo_pool, tmp_path)
               f"reshard(Pool.open({str(demo_pool)!r}), U.load({str(tmp_path / 'subset.npy')!r}), {str(out)!r}, "
               f"shard_size=40, work_dir={str(work)!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env_for_subprocess())
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(work.glob("*/*_stats.json"))) < 3:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: len(list(work.glob("*/*_stats.json"))) >= 3)
     closed = {p.name: p.stat().st_mtime_ns for p in work.glob("*/*.tar") if (p.with_name(p.stem + "_stats.json")).exists()}
     assert 3 <= len(closed) < ref["output_shard_count"], "killed too late"
     assert not out.exists()
