@@ -36,7 +36,11 @@ class Noise(Section):
 
 class Pool(Section):
     source: Literal["demo", "datacomp"] = "demo"
-    uri: str = "data/pool"
+    uri: str = "data/pool"                   # datacomp: the download's --data_dir (metadata/ + shards/), or a
+                                             # directory of winnow's per-shard {n:08d}.parquet/.npz/.tar
+    metadata_uri: str | None = None          # datacomp: the metadata dir when it is not <uri>/metadata
+    shards_uri: str | None = None            # datacomp: img2dataset's shards when not <uri>/shards
+    min_downloaded: float = Field(0.5, ge=0, le=1)   # gate: share of metadata rows whose image downloaded (link rot is normal)
     num_samples: int = Field(4000, ge=1)
     shard_size: int = Field(1000, ge=1)
     trusted_samples: int = Field(2000, ge=1)

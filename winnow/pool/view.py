@@ -1,7 +1,10 @@
 """A read view of a pool (+ the embed stage's outputs) one shard at a time.
 
 ``Pool.open(dir)`` reads ``manifest.json``: the demo pool lives in that directory; an external
-DataComp pool is referenced by ``uri`` and nothing is copied.
+DataComp pool is referenced by ``uri`` and nothing is copied. In DataComp's download layout
+(``layout: download``) the pool's shards are the metadata files and their images live in
+img2dataset's shards, joined by uid (``winnow.pool.datacomp``): a shard's ``downloaded`` column says
+which of its samples have an image.
 """
 from __future__ import annotations
 
@@ -32,6 +35,27 @@ class Pool:
         uri = str(wio.join(pool_dir)) if uri == "." else uri
         return cls(uri=uri, shards=manifest.get("shards") or shards.discover(uri), manifest=manifest,
                    embed_uri=embed_uri)
+
+    @property
+    def is_download(self) -> bool:
+        """DataComp's download layout: metadata files + img2dataset shards (not every sample has an image)."""
+        return self.manifest.get("layout") == "download"
+
+    @property
+    def images_uri(self) -> str | None:
+        return self.manifest.get("images_uri") if self.is_download else self.uri
+
+    def image_shards(self, shard: str) -> list[str]:
+        """The image shards (tars in ``images_uri``) that hold this shard's samples."""
+        if self.is_download:
+            return list(self.manifest.get("images", {}).get(shard, []))
+        return [shard]
+
+    def all_image_shards(self) -> list[str]:
+        """Every image shard once, in order (img2dataset's numeric order on a download)."""
+        if self.is_download:
+            return list(self.manifest.get("image_shards", []))
+        return list(self.shards)
 
     @property
     def truth_path(self) -> Path | str | None:
@@ -150,9 +174,15 @@ class ShardBatch:
         return value
 
     def columns(self) -> list[str]:
-        return [c for names, _, _ in self._sources() for c in names]
+        derived = ["downloaded"] if self.pool.is_download else []
+        return [c for names, _, _ in self._sources() for c in names] + derived
 
     def arrow(self, name: str) -> pa.ChunkedArray:
+        if name == "downloaded" and self.pool.is_download and name not in self._cols:
+            from winnow.pool import datacomp
+
+            mask = datacomp.downloaded_mask(self.column("uid"), self.pool.images_uri, self.pool.image_shards(self.shard))
+            self._cols[name] = pa.chunked_array([pa.array(mask)])
         if name not in self._cols:
             for names, p, _ in self._sources():
                 if name in names:
