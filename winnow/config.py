@@ -50,11 +50,15 @@ class Pool(Section):
 
 
 class Eval(Section):
-    suite: str = "demo"
-    data_root: str = "data/tasks"
-    test_samples: int = Field(400, ge=1)
-    train_samples: int = Field(400, ge=0)
+    suite: str = "demo"                    # configs/tasks/<suite>.yaml (its `layout` says how data_root is read)
+    data_root: str = "data/tasks"          # demo: written by the tasks stage; datacomp: download_evalsets.py's data_dir
+    test_samples: int = Field(400, ge=1)   # per demo task
+    train_samples: int = Field(400, ge=0)  # per demo task train split
     batch_size: int = Field(128, ge=1)
+    workers: int = Field(2, ge=0)          # DataLoader processes decoding evaluation images (0: in the stage's process)
+    device: str = "auto"                   # auto: cuda when available (bf16 autocast), else cpu (fp32); or cpu, cuda, cuda:N
+    allow_partial: bool = False            # false: a missing evaluation set fails the tasks/evaluate gates; true: listed
+    max_quarantined: float = Field(0.01, ge=0, le=1)   # gate: share of a task's images that may be corrupt/bombs
 
 
 class ScorerTrain(Section):
