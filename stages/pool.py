@@ -1,8 +1,12 @@
-"""Stage `pool`: generate the demo pool, or reference an existing DataComp pool; gate it."""
+"""Stage `pool`: generate the demo pool, or reference an existing DataComp pool; gate it.
+
+An existing pool is either DataComp's download layout (``pool.uri`` = the download's ``--data_dir``
+with ``metadata/`` and ``shards/``, or ``pool.metadata_uri`` / ``pool.shards_uri``) or a directory of
+winnow's per-shard ``{n:08d}.parquet/.npz/.tar``. Nothing is copied: the manifest points at it."""
 from winnow import io as wio
 from winnow.config import Params
 from winnow.io import atomic_dir, write_json
-from winnow.pool import checks, demo, shards
+from winnow.pool import checks, datacomp, demo, shards
 from winnow.pool.view import Pool
 from winnow.stage import main
 from winnow.validate import Gate
@@ -10,20 +14,43 @@ from winnow.validate import Gate
 OUT = "data/pool"
 
 
+def _absolute(uri: str | None) -> str | None:
+    return uri if uri is None or wio.is_remote(uri) else str(wio.local(uri).resolve())
+
+
+def external_manifest(p) -> dict:
+    """The manifest of an existing pool: its layout, shards and (download layout) the image join."""
+    if p.metadata_uri or p.shards_uri or datacomp.is_download_dir(p.uri):
+        meta_uri, img_uri = datacomp.locate(p.uri, _absolute(p.metadata_uri), _absolute(p.shards_uri))
+        meta_uri, img_uri = _absolute(meta_uri), _absolute(img_uri)
+        stems = datacomp.metadata_files(meta_uri)
+        joined = datacomp.join(meta_uri, stems, img_uri)
+        return {"source": "datacomp", "layout": "download", "uri": meta_uri, "shards": stems,
+                "num_shards": len(stems), "images_uri": img_uri, "image_shards": joined["image_shards"],
+                "images": joined["by_file"], "download": joined["counts"]}
+    found = shards.discover(p.uri)
+    return {"source": "datacomp", "layout": "shards", "uri": _absolute(p.uri), "shards": found,
+            "num_shards": len(found)}
+
+
 def body(p: Params) -> dict:
     if p.pool.source == "demo":
         summary = demo.write_pool(p.pool, p.seed, OUT)
     else:   # an external pool: nothing is copied, the manifest points at it
-        found = shards.discover(p.pool.uri)
-        uri = p.pool.uri if wio.is_remote(p.pool.uri) else str(wio.local(p.pool.uri).resolve())
-        summary = {"source": "datacomp", "uri": uri, "shards": found,
-                   "num_shards": len(found)}
+        summary = external_manifest(p.pool)
         with atomic_dir(OUT) as tmp:
             write_json(tmp / "manifest.json", summary)
     gate = Gate("pool")
-    stats = checks.check_pool(Pool.open(OUT), gate, max_unreadable_tars=p.pool.max_unreadable_tars)
+    pool = Pool.open(OUT)
+    stats = checks.check_pool(pool, gate, max_unreadable_tars=p.pool.max_unreadable_tars,
+                              min_image_fraction=p.pool.min_downloaded if pool.is_download else 0.8)
     gate.finish()
-    return {"num_shards": summary["num_shards"], **stats}
+    out = {"num_shards": summary["num_shards"], **stats}
+    if pool.is_download:
+        c = summary["download"]
+        out.update(attempted=c["attempted"], downloaded=c["downloaded"], failed_downloads=c["failed"],
+                   not_attempted=c["not_attempted"], image_shards=len(summary["image_shards"]))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Stage `scorer`: the filtering CLIP. Trained in-pipeline on trusted pairs (DFN-style) unless
 `scorer.pretrained` names weights; gate: training healthy, checkpoint loads, and it separates
-matched from mismatched held-out pairs."""
+matched from mismatched held-out pairs. Skipped (no model loaded or trained) when the plan says the
+recipe needs none."""
 import pandas as pd
 
 from winnow import models, track
@@ -20,8 +21,15 @@ def body(p: Params) -> dict:
     gate = Gate("scorer")
     E = expect()
     metrics = {}
+    plan = read_json("data/plan/needs.json")
     with atomic_dir(OUT) as tmp:
         name = models.embedding_name(s.model, s.pretrained, s.name)
+        if not plan["scorer"]:   # the recipe reads only the pool's metadata and embeddings: no model at all
+            write_json(tmp / "scorer.json", {"model": None, "weights": None, "name": None,
+                                             "skipped": "the recipe needs no scorer (data/plan/needs.json)"})
+            write_json(tmp / "quality.json", {})
+            gate.finish()
+            return {"needed": 0}
         if s.pretrained is None:
             t = s.train
             trusted = sorted(cache_local(t.trusted_uri).glob("*.tar"))   # s3:// is fetched into the cache
@@ -51,7 +59,7 @@ def body(p: Params) -> dict:
         write_json(tmp / "quality.json", quality)
         write_json(tmp / "scorer.json", {"model": s.model, "weights": weights, "name": name})
         gate.finish()
-    return {**metrics, **{k: v for k, v in quality.items() if v is not None}}
+    return {"needed": 1, **metrics, **{k: v for k, v in quality.items() if v is not None}}
 
 
 if __name__ == "__main__":

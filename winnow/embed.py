@@ -32,6 +32,8 @@ from winnow.io import atomic_file, write_json
 from winnow.pool import shards
 from winnow.pool.view import Pool
 
+ENCODINGS = ("img", "flip", "txt")   # image, horizontally mirrored image, caption
+
 
 def _encode(model, fn, batches) -> np.ndarray:
     outs = []
@@ -49,10 +51,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     ``("jpegs", shard, rows, [uint8 tensors])`` (encoded bytes for tensor decode on the model's
     device, ``decode="tensor"``), then ``("end", shard, None)``."""
 
-    def __init__(self, pool_uri: str, shard_list: list[str], preprocess, tokenizer, batch_size: int,
-                 decode: str = "pil"):
-        self.pool_uri, self.shards = pool_uri, shard_list
+    def __init__(self, pool: Pool, shard_list: list[str], preprocess, tokenizer, batch_size: int,
+                 decode: str = "pil", encode: frozenset = frozenset(ENCODINGS)):
+        self.pool, self.shards = pool, shard_list
         self.preprocess, self.tokenizer, self.batch_size, self.decode = preprocess, tokenizer, batch_size, decode
+        self.encode = encode
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -60,18 +63,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         for shard in mine:
             yield from self._shard(shard)
 
+    def _samples(self, shard: str):
+        """The image samples of a pool shard: its own tar, or (download layout) the img2dataset
+        shards that hold its samples, which may hold other files' samples too."""
+        for image_shard in self.pool.image_shards(shard):
+            yield from shards.iter_tar(self.pool.images_uri, image_shard)
+
     def _shard(self, shard: str):
-        meta = shards.read_meta(self.pool_uri, shard, columns=["uid", "text"])
+        meta = shards.read_meta(self.pool.uri, shard, columns=["uid", "text"])
         uids = meta["uid"].to_pylist()
         texts = [t if isinstance(t, str) else "" for t in meta["text"].to_pylist()]
         row_of = {u: i for i, u in enumerate(uids)}
         images: dict[int, object] = {}
         corrupt, unknown, tar_error = [], [], ""
+        pixels = bool(self.encode & {"img", "flip"})
         try:
-            for s in shards.iter_tar(self.pool_uri, shard):
+            for s in (self._samples(shard) if pixels else ()):
                 i = row_of.get(s["json"].get("uid"))
                 if i is None:
-                    unknown.append(s["__key__"])
+                    if not self.pool.is_download:   # a download's image shard may hold other files' samples
+                        unknown.append(s["__key__"])
                     continue
                 if self.decode == "tensor":     # decoded later on the model's device; empty bytes are corrupt here
                     if s["jpg"]:
@@ -85,7 +96,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     corrupt.append(uids[i])
         except shards.ShardError as exc:   # a truncated tar: the images after the cut are missing, counted
             tar_error = str(exc)
-        yield ("start", shard, {"uids": uids, "tokens": self.tokenizer(texts) if texts else None,
+        tokens = self.tokenizer(texts) if texts and "txt" in self.encode else None
+        yield ("start", shard, {"uids": uids, "tokens": tokens,
                                 "corrupt": corrupt, "unknown": len(unknown), "tar_error": tar_error})
         rows = sorted(images)
         for k in range(0, len(rows), self.batch_size):
@@ -94,7 +106,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield ("jpegs", shard, torch.tensor(chunk), [images[r] for r in chunk])
                 continue
             x = torch.stack([self.preprocess(images[r]) for r in chunk])
-            xf = torch.stack([self.preprocess(ImageOps.mirror(images[r])) for r in chunk])
+            xf = torch.stack([self.preprocess(ImageOps.mirror(images[r])) for r in chunk]) if "flip" in self.encode else None
             yield ("images", shard, torch.tensor(chunk), x, xf)
         yield ("end", shard, None)
 
@@ -111,6 +123,13 @@ class Encoder:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.image_fn = torch.compile(self.model.encode_image) if compile else self.model.encode_image
         self.text_fn = self.model.encode_text
+
+    def dim(self) -> int:
+        """The embedding width (the text tower's output, which the image tower's matches)."""
+        proj = getattr(self.model, "text_projection", None)
+        if isinstance(proj, torch.Tensor):
+            return int(proj.shape[-1])
+        return int(getattr(proj, "out_features", None) or self.model.visual.output_dim)
 
     def _ctx(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
@@ -134,23 +153,30 @@ class Encoder:
         return np.concatenate(outs)
 
 
-def _finish_shard(state: dict, enc: Encoder, out: Path, shard: str, name: str, batch_size: int) -> dict:
+def _finish_shard(state: dict, enc: Encoder, out: Path, shard: str, name: str, batch_size: int,
+                  encode: frozenset = frozenset(ENCODINGS)) -> dict:
     info = state["info"]
     uids = info["uids"]
     n = len(uids)
-    txt = enc.texts(info["tokens"], batch_size) if n else np.zeros((0, 0), np.float32)
-    img = np.full_like(txt, np.nan)
+    dim = enc.dim()
+    txt = enc.texts(info["tokens"], batch_size) if n and "txt" in encode else np.full((n, dim), np.nan, np.float32)
+    img = np.full((n, dim), np.nan, np.float32)
     flip = img.copy()
     ok = np.zeros(n, bool)
     for rows, a, b in state["parts"]:
-        img[rows], flip[rows] = a, b
+        img[rows] = a
+        if b is not None:
+            flip[rows] = b
         ok[rows] = True
     info["corrupt"] = info["corrupt"] + state["corrupt"]
-    score = np.einsum("nd,nd->n", img, txt)
-    flip_score = np.einsum("nd,nd->n", flip, txt)
-    shards.write_npz(str(out), shard, {f"{name}_img": img, f"{name}_img_flip": flip, f"{name}_txt": txt})
-    table = pa.table({"uid": uids, f"{name}_score": score.astype(np.float32),
-                      f"{name}_flip_score": flip_score.astype(np.float32), "image_ok": ok})
+    arrays = {"img": (f"{name}_img", img), "flip": (f"{name}_img_flip", flip), "txt": (f"{name}_txt", txt)}
+    shards.write_npz(str(out), shard, {k: v for e, (k, v) in arrays.items() if e in encode})
+    cols = {"uid": uids}
+    if {"img", "txt"} <= encode:
+        cols[f"{name}_score"] = np.einsum("nd,nd->n", img, txt).astype(np.float32)
+    if {"flip", "txt"} <= encode:
+        cols[f"{name}_flip_score"] = np.einsum("nd,nd->n", flip, txt).astype(np.float32)
+    table = pa.table(cols | {"image_ok": ok})
     with atomic_file(shards.path(str(out), shard, "parquet")) as tmp:
         pq.write_table(table, tmp)
     stats = {"shard": shard, "rows": n, "embedded": int(ok.sum()), "corrupt_images": len(info["corrupt"]),
@@ -166,9 +192,16 @@ def done_shards(out: str | Path) -> dict[str, dict]:
 
 def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer, out: str | Path,
                  name: str = "scorer", batch_size: int = 256, workers: int = 1, device: str = "cpu",
-                 compile: bool = False, decode: str = "pil", progress: str = "embed shards") -> list[dict]:
+                 compile: bool = False, decode: str = "pil", progress: str = "embed shards",
+                 encode=ENCODINGS) -> list[dict]:
     """Embed ``shard_list`` into ``out``, skipping shards already marked done there. ``decode``:
-    ``pil`` in the DataLoader workers, or ``tensor`` on the model's device (nvjpeg on CUDA)."""
+    ``pil`` in the DataLoader workers, or ``tensor`` on the model's device (nvjpeg on CUDA).
+    ``encode``: which of the image, mirrored image and text encodings to compute (what the recipe
+    needs that the pool lacks)."""
+    encode = frozenset(encode)
+    bad = encode - set(ENCODINGS)
+    if bad or not encode:
+        raise ValueError(f"encode must be a non-empty subset of {ENCODINGS}, not {sorted(encode)}")
     from winnow.decode import TensorPreprocess
 
     out = Path(out)
@@ -177,7 +210,7 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
     todo = [s for s in shard_list if s not in done]
     enc = Encoder(model, device, compile)
     tensor_pre = TensorPreprocess(model.visual.preprocess_cfg, device) if decode == "tensor" else None
-    stream = ShardStream(pool.uri, todo, preprocess, tokenizer, batch_size, decode)
+    stream = ShardStream(pool, todo, preprocess, tokenizer, batch_size, decode, encode)
     n_workers = min(workers, len(todo))
     # spawned, not forked: a worker must not inherit the parent's threads, locks and exit handlers
     # (Prefect, MLflow, Dask clients), which made forked workers fail on exit after a long session
@@ -200,13 +233,13 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
                     continue
                 rows = rows[keep]
                 x = torch.stack([tensor_pre(decoded[i]) for i in keep])
-                xf = torch.flip(x, dims=[-1])           # mirroring commutes with the centred crop
+                xf = torch.flip(x, dims=[-1]) if "flip" in encode else None   # mirroring commutes with the centred crop
             else:
                 rows, x, xf = rest
-            f = enc.images(torch.cat([x, xf]))     # original and mirrored in one forward pass
-            states[shard]["parts"].append((rows.numpy(), f[: len(rows)], f[len(rows):]))
+            f = enc.images(torch.cat([x, xf]) if xf is not None else x)   # original and mirrored in one pass
+            states[shard]["parts"].append((rows.numpy(), f[: len(rows)], f[len(rows):] if xf is not None else None))
         else:
-            done[shard] = _finish_shard(states.pop(shard), enc, out, shard, name, batch_size)
+            done[shard] = _finish_shard(states.pop(shard), enc, out, shard, name, batch_size, encode)
             bar.update(1)
     bar.close()
     return [done[s] for s in shard_list]
@@ -223,14 +256,15 @@ def _device_worker(rank: int, devices: list[str], pool: Pool, model_spec: dict, 
 
 def embed_pool(pool: Pool, model_spec: dict, out: str | Path, name: str = "scorer", batch_size: int = 256,
                workers: int = 1, devices: list[str] | None = None, compile: bool = False,
-               decode: str = "pil") -> list[dict]:
+               decode: str = "pil", encode=ENCODINGS) -> list[dict]:
     """Embed every shard of the pool with the model ``{"model": arch, "weights": tag|path|None}``.
     One device: in this process. Several: one spawned process per device, each taking every n-th
     shard (the outputs are per shard, so they do not depend on the split)."""
     from winnow import models
 
     devices = devices or ["cpu"]
-    kw = {"name": name, "batch_size": batch_size, "workers": workers, "compile": compile, "decode": decode}
+    kw = {"name": name, "batch_size": batch_size, "workers": workers, "compile": compile, "decode": decode,
+          "encode": tuple(sorted(encode))}
     if len(devices) == 1:
         model, pre, tok = models.load(model_spec["model"], model_spec.get("weights"))
         return embed_shards(pool, pool.shards, model, pre, tok, out, device=devices[0], **kw)

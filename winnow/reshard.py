@@ -1,6 +1,8 @@
 """Write the selected uids as webdataset shards, DataComp resharder semantics: a uid that occurs
-n times in the subset is written n times (keys ``<uid>-<j>``); uids not found in the pool are
-counted and reported, as the resharder warns about failed downloads."""
+n times in the subset is written n times (keys ``<uid>-<j>``); uids not found in the pool's image
+shards (never downloaded, or quarantined) are counted and reported, as the resharder warns about
+failed downloads. On DataComp's download layout the image shards are img2dataset's, read in their
+numeric order; the subset was chosen on the metadata, so its undownloaded part is expected."""
 from __future__ import annotations
 
 import hashlib
@@ -68,10 +70,10 @@ def _write(pool: Pool, subset: np.ndarray, build: Path, shard_size: int) -> dict
         write_json(build / f"{len(counts) - 1:08d}_stats.json", {"count": counts[-1], "successes": counts[-1]})
 
     unreadable = []
-    for shard in tqdm(pool.shards, desc="reshard", unit="shard"):
+    for shard in tqdm(pool.all_image_shards(), desc="reshard", unit="shard"):
         samples = []
         try:
-            for s in shards.iter_tar(pool.uri, shard):
+            for s in shards.iter_tar(pool.images_uri, shard):
                 if U.is_valid_hex(str(s["json"].get("uid", ""))):
                     samples.append(s)
         except shards.ShardError as exc:   # a truncated tar: what precedes the cut is written, the rest counted

@@ -176,17 +176,40 @@ def _alive(files: list[str], n: int) -> np.ndarray:
     return _kept([v for f in files for v in _load(f)], n)
 
 
+def _needs_image(step: Step, batch) -> bool:
+    return batch.pool.is_download and batch.from_images(*step.requires())
+
+
+def with_download_gate(recipe: Recipe, pool: Pool) -> Recipe:
+    """On DataComp's download layout, the recipe with a ``downloaded`` step before its first step
+    that reads what the embed stage computed from images: that step and every later one see only
+    samples with an image, and the funnel shows what was not downloaded as a line of its own.
+    Recipes that decide on metadata alone are unchanged (DataComp's baselines count every row)."""
+    if not pool.is_download or any(s.kind == "downloaded" for s in recipe.steps):
+        return recipe
+    batch = pool.batch(pool.shards[0])
+    for i, step in enumerate(recipe.steps):
+        if _needs_image(step, batch):
+            from winnow.filters.image import Downloaded
+
+            return recipe.model_copy(update={"steps": recipe.steps[:i] + [Downloaded()] + recipe.steps[i:]})
+    return recipe
+
+
 def _decide(steps: list[Step], batch, alive: np.ndarray, decide: str) -> list[np.ndarray]:
     """Each step's verdicts on one shard. ``survivors``: a step decides only the samples every step
     before it kept (so language id never runs on what a cheap size check already dropped); ``all``:
-    every step decides every sample, so each step's standalone effect is known."""
+    every step decides every sample, so each step's standalone effect is known — except that a step
+    reading image-derived values never sees a sample without an image (download layout)."""
     alive, shard = alive.copy(), batch.shard
     out = []
     for step in steps:
-        if decide == "all":
+        image_rows = batch.column("downloaded").astype(bool) if _needs_image(step, batch) else None
+        if decide == "all" and image_rows is None:
             v = _encode(step, step.keep(batch), len(batch), shard)
         else:
-            rows = np.flatnonzero(alive)
+            mask = alive if decide != "all" else np.ones(len(batch), bool)
+            rows = np.flatnonzero(mask if image_rows is None else mask & image_rows)
             v = np.full(len(batch), UNDECIDED, np.int8)
             if len(rows):
                 r = _encode(step, step.keep(batch.select(rows)), len(rows), shard)
@@ -248,6 +271,9 @@ def _finish(recipe: Recipe, pool: Pool, shard: str, prior: list[str], done: str 
         counts["dropped"].append(int((decided & ~keep).sum()))
         cols[f"keep:{lab}"] = pa.array(keep, mask=~decided)     # null: the step never saw the sample
     mult = np.where(alive, mult, 0)
+    if pool.is_download:   # selected by the metadata but never downloaded: reshard cannot write them
+        image = batch.column("downloaded").astype(bool)
+        counts["download"] = {"downloaded": int(image.sum()), "kept_without_image": int((alive & ~image).sum())}
     cols.update(shard=pa.array(np.full(n, shard), pa.string()), dropped_by=pa.array(dropped_by, pa.string()),
                 multiplicity=mult)
     kept = U.hex_to_array(np.repeat(uid[alive], mult[alive]), sort=False)
@@ -295,6 +321,7 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
          work_dir: str, keyed: bool, decide: str) -> dict:
     pool, quarantined = probe_shards(recipe, pool, executor, workers, address)
     check_requirements(recipe, pool)
+    recipe = with_download_gate(recipe, pool)
     work = _work(recipe, pool, work_dir, decide) if keyed else Path(work_dir)
     pool = replace(pool, scratch=str(work / "derived"))
     labels, steps = recipe.labels(), recipe.steps
@@ -327,6 +354,7 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
     out.mkdir(parents=True, exist_ok=True)
     n_after, n_decided, n_dropped = (np.zeros(len(steps), np.int64) for _ in range(3))
     kept_parts, total = [], 0
+    download = {"downloaded": 0, "kept_without_image": 0}
     args = [(recipe, pool, s, done[s], str(work / f"{start}-{s}.npz") if groups else None, start, decide)
             for s in pool.shards]
     desc = f"filter {recipe.name}: " + (", ".join(labels[start:]) + " + decisions" if groups else "decisions")
@@ -338,6 +366,8 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
             n_decided += np.asarray(part["decided"], np.int64)
             n_dropped += np.asarray(part["dropped"], np.int64)
             kept_parts.append(part["kept"])
+            for k, v in part.get("download", {}).items():
+                download[k] += v
             table = part["table"]
             if writer is None:
                 schema = table.schema
@@ -358,7 +388,9 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
     subset = int(sum(len(k) for k in kept_parts))
     return {"recipe": recipe.name, "decide": decide, "pool_size": total, "kept_unique": int(prev), "subset_size": subset,
             "kept_fraction": (prev / total) if total else 0.0, "steps": funnel_steps,
-            "bounds": recipe.bounds.model_dump(), "quarantined_shards": quarantined}
+            "bounds": recipe.bounds.model_dump(), "quarantined_shards": quarantined,
+            **({"download": {"pool_rows": total, "not_downloaded": total - download["downloaded"], **download}}
+               if pool.is_download else {})}
 
 
 def truth_metrics(decisions: pd.DataFrame, truth: pd.DataFrame, labels: list[str]) -> dict:

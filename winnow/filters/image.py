@@ -23,3 +23,19 @@ class ImageSize(Step):
         with np.errstate(divide="ignore", invalid="ignore"):
             aspect = np.where(lo > 0, hi / lo, np.inf)
         return (lo >= self.min_side) & (aspect <= self.max_aspect)
+
+
+@register
+class Downloaded(Step):
+    """DataComp's download layout: keep samples whose image img2dataset downloaded. The engine puts
+    it before the first step that reads pixels (embeddings or scores the embed stage computed from
+    the images), so such a step sees only samples with an image and never keeps one without; it is
+    the funnel's "not downloaded" line. Metadata steps never need it: DataComp's baselines decide on
+    every metadata row, downloaded or not."""
+    kind = "downloaded"
+
+    def requires(self):
+        return ["downloaded"], []
+
+    def keep(self, batch) -> np.ndarray:
+        return batch.column("downloaded").astype(bool)
