@@ -213,6 +213,16 @@ class ShardBatch:
     def embedding_keys(self) -> list[str]:
         return list(self._npz_sources())
 
+    def from_images(self, columns: list[str], keys: list[str]) -> bool:
+        """Whether any of these columns or embedding keys is the embed stage's, computed from the
+        images (so a sample without an image has none)."""
+        if not self.pool.embed_uri:
+            return False
+        embed_cols = {c for names, p, _ in self._sources() if str(p).startswith(str(self.pool.embed_uri))
+                      for c in names if c != "uid"}
+        embed_keys = {k for k, p in self._npz_sources().items() if str(p).startswith(str(self.pool.embed_uri))}
+        return bool(set(columns) & embed_cols or set(keys) & embed_keys)
+
     def embedding_rows(self, key: str) -> int:
         """Rows of an embedding array, read from its header without loading it."""
         p = self._npz_sources()[key]
