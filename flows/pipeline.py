@@ -89,7 +89,7 @@ def pipeline(recipe: str | None = None, scale: str | None = None, dvc_yaml: str 
     if updates:
         set_params("params.yaml", updates)
     params = load_params()   # a params typo fails here, before any stage
-    load_recipe(params.filter.recipe, params.filter.overrides)
+    load_recipe(params.filter.recipe, params.filter.overrides, params.filter.targets)
     order = topological(load_dag(dvc_yaml))
     results = {}
     with track.pipeline_run(params, name="prefect-pipeline"):

@@ -15,7 +15,7 @@ OUT = "data/filter"
 
 
 def body(p: Params) -> dict:
-    recipe = load_recipe(p.filter.recipe, p.filter.overrides)   # validated before any data is read
+    recipe = load_recipe(p.filter.recipe, p.filter.overrides, p.filter.targets)   # validated before any data is read
     pool = Pool.open("data/pool", embed_uri="data/embed")
     funnel = run(recipe, pool, OUT, executor=p.filter.executor, workers=p.filter.workers, address=p.filter.address,
                  work_dir=".winnow/work/filter", decide=p.filter.decide)   # per-shard verdicts: a killed filter resumes
@@ -44,6 +44,8 @@ def body(p: Params) -> dict:
                "kept_fraction": funnel["kept_fraction"]}
     for s in funnel["steps"]:
         metrics[f"kept_after.{s['step']}"] = s["kept_after"]
+    for k, v in funnel.get("download", {}).items():   # DataComp's download layout
+        metrics[f"download.{k}"] = v
     return metrics
 
 

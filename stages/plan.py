@@ -17,7 +17,7 @@ OUT = "data/plan/needs.json"
 
 
 def body(p: Params) -> dict:
-    recipe = load_recipe(p.filter.recipe, p.filter.overrides)
+    recipe = load_recipe(p.filter.recipe, p.filter.overrides, p.filter.targets)
     name = models.embedding_name(p.scorer.model, p.scorer.pretrained, p.scorer.name)
     verdict, rows = needs(recipe, Pool.open("data/pool"), name)
     gate = Gate("plan")
@@ -30,4 +30,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("plan", ["filter", "scorer.model", "scorer.pretrained", "scorer.name"], body)
+    main("plan", ["filter", "scorer"], body)

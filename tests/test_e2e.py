@@ -11,7 +11,7 @@ import yaml
 from conftest import MICRO_PARAMS, dvc, env_for_subprocess, make_project
 
 pytestmark = pytest.mark.slow
-STAGES = ["pool", "tasks", "scorer", "embed", "filter", "reshard", "train", "evaluate", "report"]
+STAGES = ["pool", "tasks", "plan", "scorer", "embed", "filter", "reshard", "train", "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +76,22 @@ def test_second_repro_runs_nothing(project):
 
 
 def test_filter_change_reruns_only_downstream(project):
+    """A filter change re-runs the plan; scorer and embed re-run only when the plan's verdict (what
+    must be computed) changes: a new threshold keeps it, a recipe that needs no scorer changes it."""
     params = yaml.safe_load((project / "params.yaml").read_text())
+    params["filter"]["overrides"] = {"clip_score": {"fraction": 0.28}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = dvc(project, "repro", check=True)
+    assert ran(proc) == ["plan", "filter", "reshard", "train", "evaluate", "report"]
+    params["filter"]["overrides"] = {}
     params["filter"]["recipe"] = "basic"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = dvc(project, "repro", check=True)
-    assert ran(proc) == ["filter", "reshard", "train", "evaluate", "report"]
+    assert ran(proc) == ["plan", "scorer", "embed", "filter", "reshard", "train", "evaluate", "report"]
+    assert json.loads((project / "data/plan/needs.json").read_text()) == {
+        "scorer": False, "encode": [], "targets": False, "name": None}
+    assert json.loads((project / "models/scorer/scorer.json").read_text())["model"] is None   # nothing trained
+    assert json.loads((project / "data/embed/meta.json").read_text())["keys"] == []
     funnel = json.loads((project / "reports/filter/funnel.json").read_text())
     assert funnel["recipe"] == "basic" and [s["step"] for s in funnel["steps"]] == ["image_size", "caption_length", "language"]
 
@@ -122,9 +133,15 @@ def test_prefect_flow_runs_one_task_per_stage(project, monkeypatch):
 def test_every_named_recipe_runs_through_dvc(project):
     from winnow.filters.engine import recipe_names
 
+    from winnow.filters.engine import load_recipe
+
     for name in recipe_names():
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["filter"]["recipe"] = name
+        for task in load_recipe(name).targets:   # a targets file (DataComp's ImageNet-1k L/14 features on a real pool)
+            rng = np.random.default_rng(0)
+            np.save(project / f"targets-{task}.npy", rng.standard_normal((64, 768)).astype(np.float32))
+            params["filter"].setdefault("targets", {})[task] = f"targets-{task}.npy"
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         proc = dvc(project, "repro", "filter")
         assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-3000:])

@@ -23,7 +23,7 @@ def _check() -> int:
 
     try:
         p = load_params()
-        load_recipe(p.filter.recipe, p.filter.overrides)
+        load_recipe(p.filter.recipe, p.filter.overrides, p.filter.targets)
         load_suite(p.eval.suite)
     except (ParamsError, ValueError) as exc:
         print(f"params.yaml: {exc}", file=sys.stderr)

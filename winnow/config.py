@@ -90,6 +90,7 @@ class Embed(Section):
 class Filter(Section):
     recipe: str | dict = "clip_score_top30"    # a name in configs/recipes, a path to a .yaml, or inline {name, steps, ...}
     overrides: dict[str, dict] = {}   # {step label: {field: value}}, e.g. {clip_score: {fraction: 0.2}}
+    targets: dict[str, str | list[str]] = {}   # {task: embeddings file} for alignment steps, over the recipe's own `targets`
     min_kept: int = Field(1, ge=0)
     decide: Literal["survivors", "all"] = "survivors"   # survivors: a step decides what earlier steps kept
     executor: Literal["serial", "threads", "processes", "dask"] = "serial"   # dask: through Prefect's DaskTaskRunner

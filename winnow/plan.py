@@ -41,12 +41,18 @@ def needs(recipe, pool: Pool, name: str) -> tuple[dict, list[dict]]:
                                 f"embed stage makes only {', '.join(sorted(products))}")
     if problems:
         raise ParamsError(f"recipe '{recipe.name}' cannot run on this pool:\n  " + "\n  ".join(problems))
-    targets = any(_task_targets(s) for s in recipe.steps)
+    targets = any(_task_targets(s, recipe.targets) for s in recipe.steps)
     verdict = {"scorer": bool(encode or targets), "encode": sorted(encode), "targets": targets,
                "name": name if encode or targets else None}
     return verdict, rows
 
 
-def _task_targets(step) -> bool:
-    """An alignment step whose targets are task data embedded by the scorer (not a targets file)."""
-    return step.kind in ("retrieval", "image_clusters") and not getattr(step, "targets_file", None)
+def _task_targets(step, files: dict) -> bool:
+    """An alignment step whose targets are task data the scorer must embed: any step that reads
+    text targets, or image targets of a task the recipe names no embeddings file for."""
+    if step.kind not in ("retrieval", "image_clusters"):
+        return False
+    if "text" in (getattr(step, "queries", None) or []):
+        return True
+    tasks = getattr(step, "tasks", None)
+    return tasks is None and not files or tasks is not None and not set(tasks) <= set(files)

@@ -69,6 +69,9 @@ def _sections(run: RunData, markdown: bool) -> list[tuple[str, str]]:
                  st["kept_after"], st["dropped_here"], st["dropped_standalone"]] for st in f.get("steps", [])]
         intro = (f"Pool: {f.get('pool_size')} samples → kept {f.get('kept_unique')} unique "
                  f"({100 * f.get('kept_fraction', 0):.1f}%), subset with repeats: {f.get('subset_size')}.")
+        if dl := f.get("download"):   # DataComp's download layout: link rot is normal, and shown
+            intro += (f" Not downloaded: {dl['not_downloaded']} of {dl['pool_rows']} metadata rows have no image; "
+                      f"{dl['kept_without_image']} kept samples have none, so reshard cannot write them.")
         if f.get("quarantined_shards"):
             intro += f" Quarantined shards: {', '.join(q['shard'] for q in f['quarantined_shards'])}."
         out.append(("Funnel", intro + "\n\n" + _table(["step", "params", "kept after", "dropped here", "dropped standalone"], rows, markdown)))
@@ -115,8 +118,8 @@ def _load_images(pool_dir: str, uids: set[str], max_shards: int = 3) -> dict[str
 
     pool = Pool.open(pool_dir)
     found = {}
-    for shard in pool.shards[:max_shards]:
-        for s in shards.iter_tar(pool.uri, shard):
+    for shard in pool.all_image_shards()[:max_shards]:
+        for s in shards.iter_tar(pool.images_uri, shard):
             uid = s["json"].get("uid")
             if uid in uids and s.get("jpg"):
                 try:

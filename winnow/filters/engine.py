@@ -46,6 +46,7 @@ class Recipe(BaseModel):
     description: str = ""
     bounds: Bounds = Bounds()
     corrupt_shards: Literal["fail", "quarantine"] = "fail"   # quarantine: skip, count, report
+    targets: dict[str, str | list[str]] = {}   # task -> embeddings file: image targets of alignment steps (winnow.targets)
     steps: list[Step] = []
 
     def labels(self) -> list[str]:
@@ -66,7 +67,7 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in (CONFIGS / "recipes").glob("*.yaml"))
 
 
-def load_recipe(name: str | dict, overrides: dict | None = None) -> Recipe:
+def load_recipe(name: str | dict, overrides: dict | None = None, targets: dict | None = None) -> Recipe:
     """A named recipe from configs/recipes, a path to a recipe YAML, or a recipe written inline in
     params.yaml (a mapping with ``name``, ``steps`` …), with per-step parameter overrides
     ``{step label: {field: value}}`` (params.yaml ``filter.overrides``); validated before any data
@@ -92,6 +93,7 @@ def load_recipe(name: str | dict, overrides: dict | None = None) -> Recipe:
     steps = [build_step(s, f"{where} steps[{i}] ({labels[i]})") for i, s in enumerate(specs)]
     recipe = validate_model(Recipe, raw | {"steps": []}, where)
     recipe.steps = steps
+    recipe.targets = recipe.targets | dict(targets or {})   # params.yaml filter.targets wins
     return recipe
 
 
@@ -323,7 +325,7 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
     check_requirements(recipe, pool)
     recipe = with_download_gate(recipe, pool)
     work = _work(recipe, pool, work_dir, decide) if keyed else Path(work_dir)
-    pool = replace(pool, scratch=str(work / "derived"))
+    pool = replace(pool, scratch=str(work / "derived"), target_files=dict(recipe.targets))
     labels, steps = recipe.labels(), recipe.steps
     done: dict[str, list[str]] = {s: [] for s in pool.shards}     # finished groups' verdict files per shard
 

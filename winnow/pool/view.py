@@ -27,6 +27,7 @@ class Pool:
     manifest: dict
     embed_uri: str | None = None  # the embed stage's per-shard outputs, when available
     scratch: str | None = None    # a run's directory for per-shard values derived once (ShardBatch.cached)
+    target_files: dict = field(default_factory=dict)   # task -> embeddings file (winnow.targets), image targets
 
     @classmethod
     def open(cls, pool_dir: str, embed_uri: str | None = None) -> "Pool":
@@ -63,11 +64,17 @@ class Pool:
         return p if wio.exists(p) else None
 
     def targets(self) -> dict[str, np.ndarray]:
-        """Downstream-task embeddings written by the embed stage (``img:<task>``, ``txt:<task>``)."""
-        if not self.embed_uri or not wio.exists(p := wio.join(self.embed_uri, "targets.npz")):
-            return {}
-        with np.load(wio.source(p), allow_pickle=False) as z:
-            return {k: z[k].astype(np.float32) for k in z.files}
+        """Downstream-task embeddings (``img:<task>``, ``txt:<task>``): those the embed stage wrote,
+        and image targets read from the files the recipe names (which win)."""
+        out = {}
+        if self.embed_uri and wio.exists(p := wio.join(self.embed_uri, "targets.npz")):
+            with np.load(wio.source(p), allow_pickle=False) as z:
+                out = {k: z[k].astype(np.float32) for k in z.files}
+        if self.target_files:
+            from winnow import targets
+
+            out |= {f"img:{task}": targets.load(path) for task, path in self.target_files.items()}
+        return out
 
     def batch(self, shard: str) -> "ShardBatch":
         return ShardBatch(self, shard)

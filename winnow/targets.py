@@ -1,0 +1,63 @@
+"""Alignment targets read from an embeddings file instead of embedded from task data.
+
+DataComp's image-based baseline clusters the pool's ``l14_img`` and keeps the clusters nearest to
+ImageNet-1k *train* images embedded by the same OpenAI L/14 — features it ships as torch files
+(``{"image_features": tensor}``). A recipe names such files per task (``targets: {imagenet1k:
+path}``, or ``filter.targets`` in params.yaml), so an alignment step needs no scorer and no images.
+Accepted: ``.npy`` (an (n, d) array), ``.npz`` (one array, or ``image_features``), ``.pt`` / ``.pth``
+(a tensor, or a dict with ``image_features``; loaded with ``weights_only=True``: never unpickled).
+Rows are L2-normalised here, since the steps compare by inner product.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from winnow import io as wio
+from winnow.config import ParamsError
+
+KEYS = ("image_features", "features", "embeddings")
+
+
+def load(path: str | list[str]) -> np.ndarray:
+    """An (n, d) float32 array of unit rows from an embeddings file, or from several concatenated
+    (DataComp ships its ImageNet-1k features in parts); a bad file is a ParamsError naming it."""
+    if isinstance(path, (list, tuple)):
+        parts = [load(p) for p in path]
+        if len({x.shape[1] for x in parts}) > 1:
+            raise ParamsError(f"targets files {path} have different widths {[x.shape[1] for x in parts]}")
+        return np.concatenate(parts)
+    p = wio.cache_local(path) if wio.is_remote(path) else wio.local(path)
+    if not Path(p).is_file():
+        raise ParamsError(f"targets file not found: {path}")
+    suffix = Path(p).suffix
+    try:
+        if suffix == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                key = next((k for k in KEYS if k in z.files), z.files[0] if len(z.files) == 1 else None)
+                if key is None:
+                    raise ParamsError(f"targets file {path} holds {z.files}: name one of {KEYS} or keep one array")
+                arr = z[key]
+        elif suffix in (".pt", ".pth"):
+            import torch
+
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                key = next((k for k in KEYS if k in obj), None)
+                if key is None:
+                    raise ParamsError(f"targets file {path} holds keys {sorted(obj)}: expected one of {KEYS}")
+                obj = obj[key]
+            arr = obj.float().numpy() if hasattr(obj, "numpy") else np.asarray(obj)
+        else:
+            raise ParamsError(f"targets file {path}: use .npy, .npz or .pt")
+    except ParamsError:
+        raise
+    except Exception as exc:   # a corrupt or hostile file: named, never a traceback from deep inside
+        raise ParamsError(f"targets file {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2 or not len(arr) or not np.isfinite(arr).all():
+        raise ParamsError(f"targets file {path}: expected a finite (n, d) array, got shape {arr.shape}")
+    return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
