@@ -39,6 +39,63 @@ def test_worst_group_skips_excluded_and_reports_every_group():
         M.worst_group(correct, np.full(6, 5), exclude=[5])
 
 
+def test_topk_metrics_equal_logit_metrics():
+    rng = np.random.default_rng(0)
+    logits, y = rng.normal(size=(50, 7)), rng.integers(0, 7, 50)
+    groups = rng.integers(0, 3, 50)
+    assert M.classification_metrics_from_topk(M.topk(logits, 5), y, groups) == M.classification_metrics(logits, y, groups)
+    # DataComp's mean per-class recall is sklearn's balanced accuracy
+    from sklearn.metrics import balanced_accuracy_score
+    assert M.classification_metrics(logits, y)["mean_per_class_recall"] == pytest.approx(
+        balanced_accuracy_score(y, logits.argmax(1)))
+
+
+def test_retrieval_recalls_by_hand_and_in_blocks():
+    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, caption 3 -> image 2
+    img = np.eye(3, 4, dtype=np.float32)
+    txt = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0.9, 0.1, 0]], np.float32)
+    out = M.retrieval_metrics(img, txt, [0, 0, 1, 2], ks=(1, 2))
+    # caption -> image at 1: captions 0 and 2 hit (caption 1 finds image 2, caption 3 finds image 1)
+    assert out["image_retrieval_recall@1"] == 0.5
+    # image -> caption at 1: image 0 finds caption 0 (hit), image 1 finds caption 2 (hit), image 2 finds caption 1 (miss)
+    assert out["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert out["mean_recall@1"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert out["image_retrieval_recall@2"] == 1.0 and out["text_retrieval_recall@2"] == 1.0
+    # blocks of captions (a bounded similarity matrix) give the same numbers
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(40, 8)).astype(np.float32)
+    txt = rng.normal(size=(130, 8)).astype(np.float32)
+    owner = rng.integers(0, 40, 130)
+    whole = M.retrieval_metrics(img, txt, owner)
+    assert M.retrieval_metrics(img, txt, owner, max_block=40 * 7) == pytest.approx(whole)
+
+
+def test_group_eval_names_groups_as_wilds():
+    fields = ["age", "gender", "race", "race_binary"]
+    meta = np.array([[0, 0, 0, 1], [0, 1, 0, 1], [0, 0, 2, 1], [0, 1, 2, 1]])
+    out = M.group_eval("acc_gender_x", np.array([1, 0, 1, 1]), meta, ["gender", "race"], fields)
+    # CombinatorialGrouper: groups over 0..max of each field (race 1 is empty), named last field first
+    assert out["acc_gender_x"] == 0.75 and out["acc_gender_x_race:0_gender:1"] == 0.0
+    assert out["count_race:1_gender:0"] == 0 and "acc_gender_x_race:1_gender:0" not in out
+    assert out["acc_gender_x_wg"] == 0.0 and out["acc_gender_x_race:2_gender:1"] == 1.0
+
+
+def test_fairface_metrics_follow_fairness_eval():
+    # objectives race, gender, age, toxic; metadata age, gender, race, race_binary
+    pred = np.array([[1, 0, 2, 0], [3, 1, 1, 19], [0, 1, 1, 15], [1, 0, 2, 3]])
+    meta = np.array([[2, 0, 1, 0], [1, 1, 3, 1], [0, 0, 0, 1], [2, 0, 1, 0]])
+    out = M.fairface_metrics(pred, meta)
+    # race: predicted white (1) -> binary 0; all four right
+    assert out["acc_race"] == 1.0 and out["acc_race_wg"] == 1.0
+    # gender right for 0, 1, 3 (sample 2 says 1, truth 0): by race_binary, group 1 = samples 1, 2
+    assert out["acc_gender"] == 0.75 and out["acc_gender_race_binary:1"] == 0.5 and out["acc_gender_wg"] == 0.5
+    assert out["acc_age"] == 0.75 and out["acc_age_race_binary:0"] == 1.0
+    # toxicity: the share predicted crime (>= 18) / non-human (14-17), by race
+    assert out["toxicity_crime"] == 0.25 and out["toxicity_crime_race:3"] == 1.0 and out["toxicity_crime_wg"] == 0.0
+    assert out["toxicity_nonhuman"] == 0.25 and out["toxicity_nonhuman_race:0"] == 1.0
+    assert out["n"] == 4
+
+
 def test_winogavil_jaccard():
     # 5 candidates, 2 associations; the model's top-2 hits one of them: J = 1/3
     s5, t5 = np.array([0.9, 0.1, 0.8, 0.2, 0.3]), np.array([1, 1, 0, 0, 0], bool)
@@ -100,12 +157,15 @@ def test_worst_group_f1_and_winogavil_through_evaluate_suite(tmp_path):
     assert by["fairness/geode"]["status"] == "missing"
     s = summarize(rows)
     assert s["num_scored"] == 2 and s["missing"] == ["fairness/geode"]
-    # a re-run reads finished tasks back instead of recomputing them (the data is gone now)
+    # a re-run reads finished tasks back instead of recomputing them; a task whose set changed (here:
+    # removed) is evaluated again (and is missing now), the other is still read back
+    again = evaluate_suite(model, pre, tok, suite, str(root), str(results), batch_size=16)
+    assert again[:2] == rows[:2]
     import shutil
     shutil.rmtree(root / "wilds")
     again = evaluate_suite(model, pre, tok, suite, str(root), str(results), batch_size=16)
-    assert {r["key"]: r["main"] for r in again if r["status"] == "ok"} == {k: by[k]["main"] for k in ("wilds/fmow", "misc/winogavil")}
-    assert len([json.loads(x) for x in results.read_text().splitlines()]) == 2
+    assert {r["key"]: r["main"] for r in again if r["status"] == "ok"} == {"misc/winogavil": by["misc/winogavil"]["main"]}
+    assert [json.loads(x)["key"] for x in results.read_text().splitlines()] == ["misc/winogavil"]
 
 
 def test_classification_task_without_group_metadata_is_reported(tmp_path):

@@ -1,15 +1,32 @@
-"""Zero-shot evaluation on a task suite stored in the DataComp / clip_benchmark webdataset layout.
+"""Zero-shot evaluation of a CLIP model on a task suite, streamed at real size.
 
-Classification: a zero-shot head from class names x templates (open_clip's builder); metrics in
-winnow.metrics (acc1/acc5, mean per-class recall, macro F1, worst-group accuracy from ``.npy``
-metadata). Retrieval: recall@k both ways; the main metric is mean_recall@1, as DataComp reports it.
-Association (WinoGAViL): Jaccard of the top candidates. Results append per task to ``results.jsonl``; a re-run
-skips tasks already there. A task whose data is absent is reported missing, never scored zero.
+Where a suite's sets live and how they are read is ``winnow.tasks`` (``demo`` or ``datacomp``
+layout, allowlisted tar decoding, quarantine). Here each task's split is streamed in batches —
+decoded and preprocessed in DataLoader workers (``workers``) — through the model on ``device``
+(CUDA: bf16 autocast; CPU: fp32), keeping per sample only what the metrics need: the top-5 classes
+(classification), features (retrieval), a candidate's score (WinoGAViL), one class per objective
+(FairFace). Peak memory does not grow with a set's size beyond those.
+
+Classification: a zero-shot head from class names x templates (open_clip's builder; the templates
+are ``{c}`` format strings); metrics in winnow.metrics (acc1/acc5, mean per-class recall, macro F1,
+worst-group accuracy from ``.npy`` metadata). Retrieval: recall@k both ways, main metric
+mean_recall@1 as DataComp reports it. Association (WinoGAViL): Jaccard of the top candidates, the
+cue prompted "A/An <cue>". FairFace / UTKFace: DataComp's fairness evaluation, no main metric.
+
+Resume: each finished task appends one line to ``results.jsonl`` with its ``eval_key`` — a hash of
+the checkpoint (``model_id``), the task's registry entry, the set's fingerprint (content hashes of
+small files, sizes and mtimes of large ones), the precision and EVAL_VERSION — so a re-run skips
+exactly the tasks whose key is unchanged, and a changed set, model or metric code re-evaluates that
+task. Unparseable (torn) lines and lines of other keys are dropped when the file is read. A task
+whose data is absent is reported missing, never scored zero.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,164 +35,260 @@ from tqdm import tqdm
 
 from winnow import metrics as M
 from winnow.io import atomic_file, local
-from winnow.tasks import Suite
+from winnow.tasks import (  # noqa: F401  (re-exported: embed_targets and stage.py import them from here)
+    Batch, MissingTask, Suite, Task, TaskData, fingerprint, iter_samples, iter_split, read_zeroshot_text, task_data,
+)
+
+EVAL_VERSION = 2   # bump when a metric or the reading of a set changes: every finished task is re-evaluated
 
 
-class MissingTask(FileNotFoundError):
-    pass
+# ---------------------------------------------------------------------------------------------
+# device and precision
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; else the named device."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"eval.device is '{device}' but no CUDA device is available (use auto or cpu)")
+    return d
 
 
-def _split_urls(task_dir: Path, split: str = "test") -> str:
-    nfile = task_dir / split / "nshards.txt"
-    if not nfile.exists():
-        raise MissingTask(f"{task_dir / split} has no nshards.txt")
-    n = int(nfile.read_text().strip())
-    if n < 1:
-        raise MissingTask(f"{task_dir / split}: nshards.txt says {n}")
-    return str(task_dir / split / "0.tar") if n == 1 else f"{task_dir / split}/{{0..{n - 1}}}.tar"
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 (no autocast) anywhere else."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def _samples(task_dir: Path, split: str = "test"):
-    """Decoded webdataset samples (dicts keyed by member suffix) of one split."""
-    import webdataset as wds
-
-    return wds.WebDataset(_split_urls(task_dir, split), shardshuffle=False).decode("pil")
+def precision(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
-def _image(sample: dict):
-    for k in ("jpg", "png", "jpeg", "webp"):
-        if k in sample:
-            return sample[k]
-    raise MissingTask(f"sample {sample.get('__key__')} has no image")
+class Runner:
+    """The model's encoders on one device; outputs are L2-normalised float32 on that device."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "auto"):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        with autocast(self.device):
+            f = self.model.encode_image(x)
+        return torch.nn.functional.normalize(f.float(), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, strings: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(strings).to(self.device, non_blocking=True)
+        with autocast(self.device):
+            f = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(f.float(), dim=-1)
+
+    @torch.no_grad()
+    def head(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
+        """Zero-shot weights (d x classes): per class the normalised mean of its normalised prompts."""
+        import open_clip
+
+        with autocast(self.device):
+            w = open_clip.build_zero_shot_classifier(
+                self.model, tokenizer=self.tokenizer, classnames=classnames,
+                templates=[(lambda c, t=t: t.format(c=c)) for t in templates],
+                num_classes_per_batch=16, device=self.device, use_tqdm=False)
+        return w.float()
 
 
-def read_zeroshot_text(task_dir: Path) -> tuple[list[str], list[str]]:
-    """Class names and ``{c}`` templates of a classification task (clip_benchmark layout)."""
-    out = []
-    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
-        if not (task_dir / name).exists():
-            raise MissingTask(f"{task_dir / name} not found")
-        out.append([x.strip() for x in (task_dir / name).read_text(encoding="utf-8").splitlines() if x.strip()])
-    return out[0], out[1]
+# ---------------------------------------------------------------------------------------------
+# per task type
+
+class _Reader:
+    """One task's batches, with the quarantine and skipped members counted on the way."""
+
+    def __init__(self, task: Task, data_root: str, layout: str, transform, batch_size: int, workers: int,
+                 pin: bool, kind: str | None = None):
+        self.quarantined: list[tuple[str, str]] = []
+        self.skipped_members = 0
+        self.batches = iter_split(task, data_root, "test", transform, batch_size, workers, layout, kind, pin)
+
+    def __iter__(self):
+        for b in self.batches:
+            self.quarantined += b.quarantined
+            self.skipped_members += b.skipped_members
+            if b.keys:
+                yield b
+
+    def info(self, n: int) -> dict:
+        reasons: dict[str, int] = {}
+        for _, r in self.quarantined:
+            reasons[r] = reasons.get(r, 0) + 1
+        q = len(self.quarantined)
+        return {"quarantined": q, "quarantine_share": q / (n + q) if n + q else 0.0, "quarantine_reasons": reasons,
+                "quarantine_examples": [f"{k} ({r})" for k, r in self.quarantined[:5]],
+                "skipped_members": self.skipped_members}
 
 
-def _image_features(model, preprocess, images, batch_size: int) -> torch.Tensor:
-    feats = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([preprocess(im) for im in images[i: i + batch_size]])
-            feats.append(torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1))
-    return torch.cat(feats)
+def classify(runner: Runner, task: Task, data: TaskData, reader: _Reader) -> dict:
+    classnames, templates = read_zeroshot_text(data.path)
+    head = runner.head(classnames, templates)
+    tops, labels, groups = [], [], []
+    for b in reader:
+        logits = (runner.images(b.images) @ head).cpu().numpy()
+        tops.append(M.topk(logits, 5))
+        labels.append(b.labels)
+        if task.groups is not None:
+            groups.append(np.array([int(m[task.groups.field]) for m in b.meta]))
+    if not tops:
+        raise MissingTask(f"{data.path}: test split is empty")
+    g = task.groups
+    out = M.classification_metrics_from_topk(np.concatenate(tops), np.concatenate(labels),
+                                             np.concatenate(groups) if g is not None else None,
+                                             g.exclude if g else (), g.suffix if g else "wg")
+    return out | {"n": int(sum(len(x) for x in labels)), "classes": len(classnames)}
 
 
-def classify(model, preprocess, tokenizer, task_dir: Path, batch_size: int, groups=None) -> dict:
-    """Zero-shot classification; with ``groups`` (a tasks.Groups), worst-group accuracy from each
-    sample's ``.npy`` metadata row."""
-    import open_clip
-
-    classnames, templates = read_zeroshot_text(task_dir)
-    images, labels, meta = [], [], []
-    for sample in _samples(task_dir):
-        images.append(_image(sample))
-        labels.append(int(sample["cls"]))
-        if groups is not None:
-            if "npy" not in sample:
-                raise MissingTask(f"{task_dir}: sample {sample['__key__']} has no .npy metadata for worst-group accuracy")
-            meta.append(int(np.asarray(sample["npy"]).reshape(-1)[groups.field]))
-    if not images:
-        raise MissingTask(f"{task_dir}: test split is empty")
-    with torch.no_grad():
-        head = open_clip.build_zero_shot_classifier(
-            model, tokenizer=tokenizer, classnames=classnames,
-            templates=[(lambda c, t=t: t.format(c=c)) for t in templates],
-            num_classes_per_batch=16, device="cpu", use_tqdm=False)
-    logits = (_image_features(model, preprocess, images, batch_size) @ head.float()).numpy()
-    out = M.classification_metrics(logits, np.array(labels), np.array(meta) if groups is not None else None,
-                                   groups.exclude if groups else (), groups.suffix if groups else "wg")
-    return out | {"n": len(labels), "classes": len(classnames)}
+def retrieve(runner: Runner, task: Task, data: TaskData, reader: _Reader, batch_size: int) -> dict:
+    """Captions are encoded in batches of ``batch_size`` in sample order (as one list would be)."""
+    img, txt, owner, pending, n = [], [], [], [], 0
+    for b in reader:
+        img.append(runner.images(b.images).cpu())
+        for caps in b.captions:
+            owner += [n] * len(caps)
+            pending += caps
+            n += 1
+        while len(pending) >= batch_size:
+            txt.append(runner.texts(pending[:batch_size]).cpu())
+            pending = pending[batch_size:]
+    if pending:
+        txt.append(runner.texts(pending).cpu())
+    if not img or not txt:
+        raise MissingTask(f"{data.path}: test split is empty or has no captions")
+    return M.retrieval_metrics(torch.cat(img), torch.cat(txt), owner) | {"n": n, "captions": len(owner)}
 
 
-def associate(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> dict:
-    """WinoGAViL: per sample a ``json`` {cue, candidates, associations} and candidate images
-    ``<i>.jpg``; the cue is prompted as DataComp does ("A/An <cue>")."""
+def _prompt(cue: str) -> str:
+    """wino_eval.py's get_clip_prompt."""
+    cue = cue.lower()
+    return f"{'An' if cue[:1] in 'aeiou' else 'A'} {cue}"
+
+
+def associate(runner: Runner, task: Task, data: TaskData, reader: _Reader) -> dict:
     scores, truths = [], []
-    with torch.no_grad():
-        for sample in _samples(task_dir):
-            spec = sample["json"]
-            cands = spec["candidates"]
-            imgs = [sample[f"{i}.jpg"] for i in range(len(cands))]
-            cue = spec["cue"].lower()
-            prompt = f"{'An' if cue[:1] in 'aeiou' else 'A'} {cue}"
-            txt = torch.nn.functional.normalize(model.encode_text(tokenizer([prompt])).float(), dim=-1)
-            img = _image_features(model, preprocess, imgs, batch_size)
-            scores.append((txt @ img.T).squeeze(0).numpy())
-            truths.append(np.isin(cands, spec["associations"]))
+    for b in reader:
+        f = runner.images(b.images)
+        t = runner.texts([_prompt(c) for c in b.cues])
+        start = 0
+        for i, size in enumerate(b.sizes):
+            scores.append((t[i: i + 1] @ f[start: start + size].T).squeeze(0).cpu().numpy())
+            start += size
+        truths += b.truths
     if not scores:
-        raise MissingTask(f"{task_dir}: test split is empty")
+        raise MissingTask(f"{data.path}: test split is empty")
     return M.winogavil_metrics(scores, truths)
 
 
-def retrieve(model, preprocess, tokenizer, task_dir: Path, batch_size: int) -> dict:
-    images, captions, owner = [], [], []
-    for sample in _samples(task_dir):
-        img, txt = _image(sample), sample["txt"]
-        caps = [c for c in (txt if isinstance(txt, str) else txt.decode()).split("\n") if c.strip()]
-        owner += [len(images)] * len(caps)
-        captions += caps
-        images.append(img)
-    if not images:
-        raise MissingTask(f"{task_dir}: test split is empty")
-    img = _image_features(model, preprocess, images, batch_size)
-    with torch.no_grad():
-        txt = torch.cat([torch.nn.functional.normalize(model.encode_text(tokenizer(captions[i: i + batch_size])).float(), dim=-1)
-                         for i in range(0, len(captions), batch_size)])
-    sim = txt @ img.T                       # captions x images
-    owner_t = torch.tensor(owner)
-    out = {}
-    for k in (1, 5, 10):
-        kk = min(k, sim.shape[1])
-        out[f"image_retrieval_recall@{k}"] = float((sim.topk(kk, dim=1).indices == owner_t[:, None]).any(1).float().mean())
-        kt = min(k, sim.shape[0])
-        hits = sim.T.topk(kt, dim=1).indices    # images -> caption indices
-        out[f"text_retrieval_recall@{k}"] = float((owner_t[hits] == torch.arange(len(images))[:, None]).any(1).float().mean())
-    out["mean_recall@1"] = (out["image_retrieval_recall@1"] + out["text_retrieval_recall@1"]) / 2
-    out["n"] = len(images)
-    return out
+def fairface(runner: Runner, task: Task, data: TaskData, reader: _Reader) -> dict:
+    """fairness_eval.py: classnames and templates are '<objective>:<text>'; one head per objective."""
+    classnames, templates = read_zeroshot_text(data.path)
+    per: dict[str, dict[str, list[str]]] = {o: {"names": [], "templates": []} for o in M.FAIRFACE_OBJECTIVES}
+    for kind, lines in (("names", classnames), ("templates", templates)):
+        for line in lines:
+            objective, text = line.split(":", 1) if ":" in line else ("", line)
+            if objective in per:
+                per[objective][kind].append(text)
+    lacking = [o for o, v in per.items() if not v["names"] or not v["templates"]]
+    if lacking:
+        raise MissingTask(f"{data.path}: no '<objective>:' class names or templates for {lacking}")
+    heads = [runner.head(per[o]["names"], per[o]["templates"]) for o in M.FAIRFACE_OBJECTIVES]
+    preds, meta = [], []
+    for b in reader:
+        f = runner.images(b.images)
+        preds.append(torch.stack([(f @ h).argmax(1) for h in heads], 1).cpu().numpy())
+        meta += b.meta
+    if not preds:
+        raise MissingTask(f"{data.path}: test split is empty")
+    rows = {len(m) for m in meta}
+    if min(rows) < len(M.FAIRFACE_FIELDS):
+        raise MissingTask(f"{data.path}: .npy metadata rows have {sorted(rows)} fields, FairFace needs {M.FAIRFACE_FIELDS}")
+    return M.fairface_metrics(np.concatenate(preds), np.stack([m[: len(M.FAIRFACE_FIELDS)] for m in meta]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the suite, resumable
+
+def eval_key(task: Task, data: TaskData, model_id: str, prec: str) -> str:
+    """What a finished task's result depends on (not the batch size, workers or device index)."""
+    spec = task.model_dump(include={"key", "type", "main_metric", "groups", "demo"})
+    blob = {"model": model_id, "task": spec, "data": {"kind": data.kind, "id": data.dataset_id,
+            "fingerprint": fingerprint(data)}, "precision": prec, "version": EVAL_VERSION}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_results(path: Path, model_id: str, keys: set[str]) -> tuple[dict[str, dict], int]:
+    """Finished rows of this model whose eval_key is still wanted, and how many lines did not parse
+    (a torn last line of a killed run); the file is rewritten with only the rows kept."""
+    kept, torn = {}, 0
+    if not path.exists():
+        return kept, torn
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(r, dict) and r.get("model_id", "") == model_id and r.get("eval_key") in keys and r.get("status") == "ok":
+            kept[r["eval_key"]] = r
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept.values()), encoding="utf-8")
+    return kept, torn
 
 
 def evaluate_suite(model, preprocess, tokenizer, suite: Suite, data_root: str, results_path: str,
-                   batch_size: int = 128, model_id: str = "") -> list[dict]:
-    """Evaluate every task not already in ``results_path`` for this ``model_id``; append one JSON
-    line per finished task, so a killed evaluation resumes. Lines of another model are dropped."""
+                   batch_size: int = 128, model_id: str = "", workers: int = 0, device: str = "auto") -> list[dict]:
+    """Evaluate every task of ``suite`` not already finished in ``results_path`` under the same
+    eval_key; append one JSON line per finished task, so a killed evaluation resumes."""
+    runner = Runner(model, tokenizer, device)
+    prec = precision(runner.device)
     path = local(results_path)
-    done = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if r.get("model_id", "") == model_id:
-                    done[r["key"]] = r
-        with atomic_file(path) as tmp:
-            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+    datas = {t.key: task_data(t, data_root, suite.layout) for t in suite.tasks}
+    keys = {t.key: eval_key(t, datas[t.key], model_id, prec) for t in suite.tasks}
+    done, torn = read_results(path, model_id, set(keys.values()))
+    if torn:
+        print(f"evaluate: dropped {torn} unparseable line(s) of {path} (a killed run); those tasks run again")
     rows = []
     for task in tqdm(suite.tasks, desc="evaluate", unit="task"):
-        if task.key in done:
-            rows.append(done[task.key])
+        key, data = keys[task.key], datas[task.key]
+        if key in done:
+            rows.append(done[key])
             continue
-        task_dir = local(data_root) / task.key
+        base = {"key": task.key, "name": task.name, "group": task.group, "main_metric": task.main_metric}
+        t0 = time.time()
         try:
+            if data.kind == "wds" and not data.path.is_dir():
+                raise MissingTask(f"{data.path} does not exist")
+            reader = _Reader(task, data_root, suite.layout, preprocess, batch_size, workers, runner.device.type == "cuda")
             if task.type == "zeroshot_classification":
-                metrics = classify(model, preprocess, tokenizer, task_dir, batch_size, task.groups)
+                metrics = classify(runner, task, data, reader)
+            elif task.type == "retrieval":
+                metrics = retrieve(runner, task, data, reader, batch_size)
+            elif task.type == "association":
+                metrics = associate(runner, task, data, reader)
             else:
-                fn = retrieve if task.type == "retrieval" else associate
-                metrics = fn(model, preprocess, tokenizer, task_dir, batch_size)
-            row = {"key": task.key, "name": task.name, "group": task.group, "main_metric": task.main_metric,
-                   "main": metrics.get(task.main_metric), "metrics": metrics, "status": "ok", "model_id": model_id}
+                metrics = fairface(runner, task, data, reader)
+            info = reader.info(int(metrics.get("n", 0)))
+            row = base | {"main": metrics.get(task.main_metric) if task.main_metric else None, "metrics": metrics,
+                          "status": "ok", "model_id": model_id, "eval_key": key, "precision": prec,
+                          "seconds": round(time.time() - t0, 2), **info}
             if task.main_metric and task.main_metric not in metrics:   # never a silent gap in the average
-                row.update(status="unsupported_metric", reason=f"main metric {task.main_metric} is not computed yet")
+                row.update(status="unsupported_metric", reason=f"main metric {task.main_metric} is not computed")
         except MissingTask as exc:
-            row = {"key": task.key, "name": task.name, "group": task.group, "main_metric": task.main_metric,
-                   "main": None, "metrics": {}, "status": "missing", "reason": str(exc)}
+            row = base | {"main": None, "metrics": {}, "status": "missing", "reason": str(exc)}
         rows.append(row)
         if row["status"] == "ok":   # only finished tasks are recorded, so a re-run retries the rest
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,17 +298,42 @@ def evaluate_suite(model, preprocess, tokenizer, suite: Suite, data_root: str, r
 
 
 def summarize(rows: list[dict]) -> dict:
-    """DataComp aggregation: unweighted mean of main metrics, group means; missing tasks listed."""
-    scored = [r for r in rows if r["status"] == "ok" and r["main"] is not None and math.isfinite(r["main"])]
+    """DataComp's aggregation: the unweighted mean of the main metrics and the group means.
+
+    ``average`` is that mean only when every task with a main metric is scored (38 of 38 for
+    DataComp, 6 of 6 for the demo); otherwise it is null and ``partial_average`` holds the mean of
+    the ``num_scored`` tasks that were, with ``average_label`` saying which it is. Tasks without a
+    main metric (FairFace, UTKFace) are outside the average: their metrics are under ``fairness``.
+    """
+    ranked = [r for r in rows if r.get("main_metric")]
+    scored = [r for r in ranked if r["status"] == "ok" and r["main"] is not None and math.isfinite(r["main"])]
+    complete = bool(ranked) and len(scored) == len(ranked)
+    mean = float(np.mean([r["main"] for r in scored])) if scored else None
     groups: dict[str, list[float]] = {}
+    expected: dict[str, int] = {}
+    for r in ranked:
+        expected[r["group"]] = expected.get(r["group"], 0) + 1
     for r in scored:
         groups.setdefault(r["group"], []).append(r["main"])
+    if complete:
+        label = f"average of {len(ranked)}"
+    elif scored:
+        label = f"partial average of {len(scored)} of {len(ranked)} tasks ({len(ranked) - len(scored)} not scored)"
+    else:
+        label = f"no average: none of {len(ranked)} tasks scored"
     return {
-        "average": float(np.mean([r["main"] for r in scored])) if scored else None,
+        "average": mean if complete else None,
+        "partial_average": mean,
+        "average_label": label,
+        "complete": complete,
         "groups": {g: float(np.mean(v)) for g, v in groups.items()},
+        "groups_scored": {g: f"{len(groups.get(g, []))}/{n}" for g, n in expected.items()},
         "tasks": {r["key"]: r["main"] for r in scored},
+        "fairness": {r["key"]: {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}
+                     for r in rows if not r.get("main_metric") and r["status"] == "ok"},
         "missing": [r["key"] for r in rows if r["status"] != "ok"],
-        "num_tasks": len(rows), "num_scored": len(scored),
+        "num_tasks": len(rows), "num_ranked": len(ranked), "num_scored": len(scored),
+        "quarantined": {r["key"]: r["quarantined"] for r in rows if r.get("quarantined")},
     }
 
 
@@ -204,4 +342,17 @@ def write_summary(summary: dict, path: str) -> None:
         Path(tmp).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+# ---------------------------------------------------------------------------------------------
+# compatibility for winnow.embed.embed_targets (moving to iter_split)
 
+def _samples(task_dir: Path, split: str = "test"):
+    """Decoded samples of a webdataset split (dicts keyed by member suffix, images as PIL), read
+    through the allowlist; MissingTask at once when the split is absent."""
+    return iter_samples(Path(task_dir), split)
+
+
+def _image(sample: dict):
+    for k in ("jpg", "png", "jpeg", "webp"):
+        if k in sample:
+            return sample[k]
+    raise MissingTask(f"sample {sample.get('__key__')} has no image")
