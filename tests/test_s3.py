@@ -109,39 +109,4 @@ def test_a_truncated_tar_on_s3_is_named(s3_server, demo_pool, tmp_path):
     with pytest.raises(shards.ShardError, match="missing"):
         list(shards.iter_tar(uri, "00000009"))
 
-
-def test_publish_commits_whole_outputs_and_replaces_old_versions(s3_server, tmp_path, monkeypatch):
-    from winnow import publish
-
-    out = tmp_path / "subset"
-    (out / "deep").mkdir(parents=True)
-    for name in ("a.tar", "b.tar", "deep/c.json"):
-        (out / name).write_bytes(os.urandom(2000))
-    uri = f"s3://{BUCKET}/runs/r1/data/subset"
-    publish.publish_output(out, uri)
-    assert publish.is_complete(uri)
-    assert s3.list_keys(uri) == ["_SUCCESS.json", "a.tar", "b.tar", "deep/c.json"]
-    assert s3.read_bytes(f"{uri}/deep/c.json") == (out / "deep/c.json").read_bytes()
-    # a new version without b.tar: b.tar goes, no temporary keys stay
-    (out / "b.tar").unlink()
-    (out / "a.tar").write_bytes(b"new")
-    publish.publish_output(out, uri)
-    assert s3.list_keys(uri) == ["_SUCCESS.json", "a.tar", "deep/c.json"]
-    assert s3.read_bytes(f"{uri}/a.tar") == b"new"
-    assert not [k for k in s3.list_keys(f"s3://{BUCKET}/runs/r1") if ".tmp" in k]
-    # a failure while copying leaves the output marked incomplete, never a manifest over a mixed version
-    real_copy = s3.client().copy
-    calls = {"n": 0}
-
-    def failing_copy(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise s3.S3Error("injected failure")
-        return real_copy(*args, **kwargs)
-
-    monkeypatch.setattr(s3.client(), "copy", failing_copy)
-    (out / "d.tar").write_bytes(b"d")
-    with pytest.raises(s3.S3Error, match="injected"):
-        publish.publish_output(out, uri)
-    assert not publish.is_complete(uri)
-    assert not [k for k in s3.list_keys(f"s3://{BUCKET}/runs/r1") if ".tmp" in k]
+# publishing: tests/test_publish.py

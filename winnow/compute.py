@@ -11,13 +11,23 @@ outputs are byte-identical on every one.
   started for the run.
 
 Submission is windowed (``2 x workers`` shards in flight), so memory stays at a few shards.
+
+A worker of a cluster reached by ``address`` runs in its own working directory (another machine,
+or a process started elsewhere): a relative path shipped to it would name another file there. So
+with ``address`` every location in the arguments is made absolute in the driver first
+(:func:`absolute_locations`): ``Path`` values, and strings held by parameters or dataclass fields
+named like a location (``*_dir``, ``*_path``, ``uri``, ``*_uri``, ``root``, ``scratch``, ``*_file(s)``,
+and the values of mappings so named);
+``s3://`` URIs pass unchanged. The workers must see the same filesystem at those paths (README).
 """
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import inspect
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
@@ -55,6 +65,8 @@ def run_with(executor: str, workers: int, address: str | None, name: str, fn: Ca
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_dask import DaskTaskRunner
 
+    if address:       # the cluster's workers resolve relative paths in their own working directory
+        args = _absolute_args(fn, args)
     url = prefect_api()
     runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(cluster_kwargs={
         "n_workers": max(1, workers), "threads_per_worker": 1, "processes": True,
@@ -66,6 +78,56 @@ def run_with(executor: str, workers: int, address: str | None, name: str, fn: Ca
 
     with temporary_settings(updates={PREFECT_API_URL: url}):
         return driver()
+
+
+_LOCATION = re.compile(r"(^|_)(dirs?|paths?|uris?|roots?|scratch|files?)$")
+
+
+def _absolute(s: str) -> str:
+    if "://" in s and not s.startswith("file://"):
+        return s                               # s3:// and the like name the same object everywhere
+    if s.startswith("file://"):
+        return "file://" + os.path.abspath(s.removeprefix("file://"))
+    return os.path.abspath(s)
+
+
+def absolute_locations(value: Any, name: str = "") -> Any:
+    """``value`` with every local location made absolute against the driver's working directory:
+    ``Path`` values always; strings when ``name`` (a parameter or field name) names a location;
+    into tuples and lists, mappings named as locations, and dataclasses (by field name). Other
+    values are unchanged."""
+    if isinstance(value, os.PathLike):
+        return type(value)(os.path.abspath(value))
+    if isinstance(value, str):
+        return _absolute(value) if value and _LOCATION.search(name) else value
+    if isinstance(value, (list, tuple)):
+        out = [absolute_locations(v, name) for v in value]
+        return type(value)(out) if not hasattr(value, "_fields") else type(value)(*out)
+    if isinstance(value, dict):
+        # only a mapping named as locations (``target_files``: task -> file) holds locations; other
+        # mappings (a pool's manifest, whose ``uri: .`` is relative to the pool) are data, unchanged
+        return {k: absolute_locations(v, name) for k, v in value.items()} if _LOCATION.search(name) else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {}
+        for f in dataclasses.fields(value):
+            if not f.init:
+                continue
+            v = getattr(value, f.name)
+            new = absolute_locations(v, f.name)
+            if new is not v:
+                changes[f.name] = new
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
+
+
+def _absolute_args(fn: Callable, args: tuple) -> tuple:
+    """Positional arguments of ``fn`` with their locations made absolute (by parameter name)."""
+    try:
+        names = [p.name for p in inspect.signature(fn).parameters.values()]
+    except (TypeError, ValueError):
+        names = []
+    names += [""] * max(0, len(args) - len(names))
+    return tuple(absolute_locations(a, n) for a, n in zip(args, names))
 
 
 @functools.cache
@@ -101,6 +163,8 @@ def map_shards(fn: Callable, arglist: Iterable[tuple], executor: str = "serial",
             raise RuntimeError("executor 'dask' maps shards as task runs of a Prefect flow: call the driver "
                                "through winnow.compute.run_with")
         t = _shard_task(fn)
+        if address:
+            arglist = [_absolute_args(fn, a) for a in arglist]
         yield from _windowed(lambda a: t.submit(*a), arglist, 2 * max(1, workers))
         return
     if executor == "serial" or workers <= 1:

@@ -25,14 +25,18 @@ def register_configs() -> list[str]:
 
 def resolve_weights(pretrained: str | None) -> str | None:
     """An ``s3://`` checkpoint is downloaded once into ``.winnow/cache/s3/<bucket>/<key>`` (atomic);
-    tags and local paths pass through."""
+    tags and local paths pass through. A bucket or key that would resolve outside the cache
+    (``..``, ``prefix//abs/path``) is refused (ModelError) before anything is read or written."""
     from winnow import s3
-    from winnow.io import CACHE
+    from winnow.io import CACHE, UnsafePath, safe_join
 
     if pretrained and s3.is_s3(pretrained):
         bucket, key = s3.split(pretrained)
-        dest = CACHE / "s3" / bucket / key
-        if not dest.exists():
+        try:
+            dest = safe_join(CACHE / "s3", bucket, key, what="S3 location")
+        except UnsafePath as exc:
+            raise ModelError(f"scorer weights {pretrained}: {exc}") from None
+        if not dest.is_file():
             try:
                 s3.download(pretrained, dest)
             except s3.S3Error as exc:

@@ -29,9 +29,94 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def scrub(text: str) -> str:
-    """Remove credentials embedded in URIs (``scheme://user:pass@host``)."""
-    return re.sub(r"(\w+://)[^/\s:@]+:[^/\s@]+@", r"\1***:***@", str(text))
+_SECRET_FIELD = re.compile(r"(^sig$|signature$|credential|token|secret|password|passwd|^pwd$|passphrase|^auth|"
+                           r"authorization|session|private|access.?key|api.?key|key.?id$|^key$|^code$)", re.I)
+_HOST_PORT = re.compile(r"^(localhost|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+|\[[0-9A-Fa-f:.]+\]):\d+$")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S*")
+_TRAILING = "'\"`)]}>,;.!"
+MASK = "***"
+
+
+def scrub(text) -> str:
+    """``text`` with the credentials of every URL in it masked. URLs sit inside free text (error
+    messages, params), so each URL-like token (``scheme://`` up to whitespace) is parsed with
+    urllib.parse and rebuilt: its userinfo (``user:pass@``, ``TOKEN@``, passwords containing ``/``
+    or ``@``) becomes ``***@`` and query or fragment fields that carry secrets (presigned
+    ``X-Amz-Signature``/``X-Amz-Credential``/``X-Amz-Security-Token``, ``Signature``,
+    ``AWSAccessKeyId``, SAS ``sig``, ``token``, ``password`` …) get ``***`` values. Query strings
+    outside a URL (``?X-Amz-Signature=…``, ``Signature=…&…``) are masked the same way."""
+    text = str(text)
+    out, pos = [], 0
+    for m in _URL.finditer(text):
+        out.append(_scrub_plain(text[pos: m.start()]))
+        tok = m.group(0)
+        tail = len(tok) - len(tok.rstrip(_TRAILING))
+        core, end = (tok[:-tail], tok[-tail:]) if tail else (tok, "")
+        out.append(_scrub_url(core) + _scrub_plain(end))
+        pos = m.end()
+    out.append(_scrub_plain(text[pos:]))
+    return "".join(out)
+
+
+def _scrub_url(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    scheme, _, rest = url.partition("://")
+    # the authority ends at the first / ? # after the userinfo; a password may hold / or @
+    # unencoded, so the userinfo runs to the last @ before the host (never past ? or #)
+    head = re.split(r"[?#]", rest, maxsplit=1)[0]
+    if "@" in head:
+        at = head.rindex("@")
+        userinfo = head[:at]
+        first = userinfo.split("/", 1)[0]
+        path_at = "/" in userinfo and (bool(_HOST_PORT.match(first)) or (
+            ":" not in first and ("." in first or scheme.lower() in ("s3", "gs", "file"))))
+        if not path_at:            # user:pass@, TOKEN@, user:pa/ss@, user:p@ss@ — not an @ inside the path
+            rest = MASK + rest[at:]
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+    except ValueError:             # unparseable (e.g. a bad IPv6 literal): mask everything after the scheme
+        return f"{scheme}://{MASK}"
+    query, fragment = _scrub_query(parts.query), _scrub_query(parts.fragment)
+    if query == parts.query and fragment == parts.fragment:
+        return f"{scheme}://{rest}"
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, fragment))
+
+
+def _scrub_query(q: str) -> str:
+    """A query string (``a=1&b=2``, ``;`` separators too) with secret-carrying fields masked."""
+    if "=" not in q:
+        return q
+    fields = re.split(r"([&;])", q)
+    for i in range(0, len(fields), 2):
+        name, eq, value = fields[i].partition("=")
+        if eq and value and _SECRET_FIELD.search(_unquote(name)):
+            fields[i] = f"{name}={MASK}"
+    return "".join(fields)
+
+
+def _unquote(s: str) -> str:
+    from urllib.parse import unquote_plus
+
+    return unquote_plus(s)
+
+
+def _scrub_plain(text: str) -> str:
+    """Text without URLs: mask the values of secret-named ``name=value`` fields of any query-like
+    token (``?X-Amz-Signature=…``, ``Signature=…``, ``aws_secret_access_key=…``)."""
+    if "=" not in text:
+        return text
+    pieces = re.split(r"(\s+)", text)
+    for i in range(0, len(pieces), 2):
+        tok = pieces[i]
+        if "=" not in tok:
+            continue
+        lead, q = "", tok
+        if "?" in tok:
+            lead, _, q = tok.partition("?")
+            lead += "?"
+        pieces[i] = lead + _scrub_query(q)
+    return "".join(pieces)
 
 
 def _param(v) -> str:

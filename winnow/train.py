@@ -3,6 +3,15 @@
 Used twice: the ``scorer`` stage trains the filtering network on trusted pairs; the ``train`` stage
 trains the evaluated model on the filtered subset. Samples seen is the budget: open_clip_train's
 "epochs" are checkpoints of ``samples_seen / checkpoints`` samples each, drawn with resampling.
+
+open_clip_train decodes every member of a sample with webdataset's default decoders, which
+``pickle.loads`` ``.pyd``/``.pickle`` members and ``torch.load`` ``.pth`` ones: a trusted set from a
+third party (``scorer.train.trusted_uri``) could run code. So it is never handed the shards
+themselves: :func:`sanitize_shards` checks each one against an allowlist of member types
+(jpg/jpeg/png/webp/txt/json/cls, regular files, at most 64 MiB each, images at most
+``decode.MAX_PIXELS`` by their header) and hands over a filtered copy, in the run's work directory,
+of any shard that holds something else (a clean shard is linked, not copied); the data argument
+holds only those local paths (no ``pipe:`` URL, no name of the input's choosing).
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from winnow.io import keyed_work_dir
+from winnow.io import atomic_file, keyed_work_dir, read_json, release_work_dir, write_json
 from winnow.models import register_configs
 
 _LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?([\d.]+)/s, .*?LR: ([\d.eE+-]+) .*?"
@@ -26,6 +35,133 @@ _LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?([\d.]+)/s, .*?LR: ([
 
 class TrainError(RuntimeError):
     pass
+
+
+def expand_shards(data: str) -> list[str]:
+    """The shard paths of an open_clip_train data argument: ``::``-separated, each brace-expanded."""
+    import braceexpand
+
+    return [u for part in data.split("::") if part for u in braceexpand.braceexpand(part)]
+
+
+def _scan(src: Path, dst: Path | None, max_pixels: int, member_cap: int) -> dict:
+    """Read one tar, member by member, keeping only allowlisted ones; write them to ``dst`` when
+    given. Returns counts (members read/kept, drops by reason, usable image-text samples)."""
+    import io
+    import tarfile
+
+    from winnow import decode
+    from winnow.io import UnsafePath, check_relative
+
+    stats = {"members": 0, "kept": 0, "dropped": {}, "samples": 0, "error": ""}
+    drop = stats["dropped"]
+    keys: dict[str, set] = {}
+    out = tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) if dst is not None else None
+    try:
+        with tarfile.open(src, "r|*") as tf:
+            for m in tf:
+                stats["members"] += 1
+                reason = None
+                key, suffix = decode.member_suffix(m.name)
+                if not m.isreg():
+                    reason = "not a regular file"
+                else:
+                    try:
+                        check_relative(m.name, "member")
+                    except UnsafePath:
+                        reason = "unsafe name"
+                if reason is None and not decode.allowed_member(m.name):
+                    reason = f"type .{suffix or '(none)'}"
+                if reason is None and m.size > member_cap:
+                    reason = f"larger than {member_cap} bytes"
+                data = b""
+                if reason is None:
+                    data = tf.extractfile(m).read()
+                    if len(data) != m.size:
+                        raise tarfile.ReadError(f"truncated inside member {m.name!r}")
+                    if suffix in decode.IMAGE_SUFFIXES:
+                        try:
+                            decode.check_image(data, max_pixels)
+                        except decode.ImageTooLarge:
+                            reason = "image too large"
+                        except decode.ImageError:
+                            reason = "unreadable image"
+                if reason is not None:
+                    drop[reason] = drop.get(reason, 0) + 1
+                    continue
+                stats["kept"] += 1
+                keys.setdefault(key, set()).add("image" if suffix in decode.IMAGE_SUFFIXES else suffix)
+                if out is not None:
+                    info = tarfile.TarInfo(m.name)
+                    info.size, info.mode, info.mtime = len(data), 0o644, int(m.mtime)
+                    out.addfile(info, io.BytesIO(data))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        stats["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if out is not None:
+            out.close()
+    stats["samples"] = sum(1 for v in keys.values() if {"image", "txt"} <= v)
+    return stats
+
+
+def sanitize_shards(data: str, dest: str | Path, max_pixels: int | None = None,
+                    member_cap: int | None = None) -> tuple[str, dict]:
+    """What open_clip_train may read of ``data`` (local tar paths, ``::``-separated, brace patterns):
+    each shard is scanned against the member allowlist (decode.ALLOWED_SUFFIXES, regular files,
+    ``member_cap`` bytes, images at most ``max_pixels`` by their header); a clean shard is linked
+    into ``dest`` as is, any other is copied there without what it must not hold. Returns the data
+    argument naming only ``dest``'s files, and the counts of what was dropped. A remote or
+    ``pipe:`` URL, a missing shard, or nothing usable left raises TrainError. Finished shards are
+    kept in ``dest`` (a resumed run reuses them)."""
+    from winnow import decode
+
+    max_pixels = decode.MAX_PIXELS if max_pixels is None else max_pixels
+    member_cap = decode.MAX_MEMBER_BYTES if member_cap is None else member_cap
+    dest = Path(dest).absolute()
+    if any(c in str(dest) for c in ("::", "{", "}")) or str(dest).startswith("pipe:"):
+        raise TrainError(f"work directory {dest} has a name open_clip_train would expand; move the project")
+    dest.mkdir(parents=True, exist_ok=True)
+    shards, totals = [], {"shards": 0, "copied": 0, "members": 0, "kept": 0, "samples": 0, "dropped": {},
+                          "errors": []}
+    for i, url in enumerate(expand_shards(data)):
+        if "://" in url or url.startswith("pipe:") or url == "-":
+            raise TrainError(f"training data must be local tar files, not {url!r} (remote sets are fetched into "
+                             ".winnow/cache first)")
+        src = Path(url)
+        if not src.is_file():
+            raise TrainError(f"training shard {url} not found")
+        out, done = dest / f"{i:08d}.tar", dest / f"{i:08d}.json"
+        if done.exists() and (out.exists() or out.is_symlink()):
+            st = read_json(done)
+        else:
+            st = _scan(src, None, max_pixels, member_cap)
+            out.unlink(missing_ok=True)
+            if st["dropped"] or st["error"]:
+                with atomic_file(out) as tmp:
+                    st = _scan(src, tmp, max_pixels, member_cap)
+                st["copied"] = True
+            else:
+                os.symlink(src.absolute(), out)
+                st["copied"] = False
+            write_json(done, st)
+        totals["shards"] += 1
+        totals["copied"] += int(st["copied"])
+        for k in ("members", "kept", "samples"):
+            totals[k] += st[k]
+        for r, n in st["dropped"].items():
+            totals["dropped"][r] = totals["dropped"].get(r, 0) + n
+        if st["error"]:
+            totals["errors"].append(f"{url}: {st['error']}")
+        shards.append(str(out))
+    if not shards:
+        raise TrainError(f"no training shards in {data!r}")
+    if not totals["samples"]:
+        raise TrainError(f"no usable image-text sample in {data!r} after the member allowlist "
+                         f"(dropped: {totals['dropped'] or 'nothing'}; errors: {totals['errors'][:3]})")
+    if totals["dropped"] or totals["errors"]:
+        logging.getLogger(__name__).warning("training data %s: dropped members %s; unreadable: %s", data,
+                                            totals["dropped"], totals["errors"][:3])
+    return "::".join(shards), totals
 
 
 def samples_per_checkpoint(samples_seen: int, global_batch: int, checkpoints: int) -> int:
@@ -59,7 +195,9 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     open_clip_train's logs and checkpoints live in ``work_dir/<key>``, where the key hashes the
     arguments and ``data_id`` (what identifies the training data): a killed run resumes from its
     latest checkpoint when called again with the same inputs; other keys' leftovers are removed, and
-    the work directory goes once the checkpoint is written.
+    the work directory goes once the checkpoint is written. open_clip_train reads only what
+    :func:`sanitize_shards` lets through (``work_dir/<key>/data``); the result's ``sanitized`` says
+    what was dropped.
     """
     from open_clip_train.main import main as open_clip_train_main
 
@@ -72,6 +210,8 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     per_epoch = samples_per_checkpoint(samples_seen, batch_size, checkpoints)
     key = hashlib.sha256(json.dumps({"args": args, "data": data_id}).encode()).hexdigest()[:16]
     logs = keyed_work_dir(work_dir, key)
+    safe_data, sanitized = sanitize_shards(data, logs / "data")
+    args[args.index("--train-data") + 1] = safe_data
     _repair_latest(logs / "run" / "checkpoints")
     args += ["--logs", str(logs), "--name", "run"]
     root = logging.getLogger()
@@ -100,9 +240,9 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     curve = parse_log(log_text, per_epoch)
     resumed = [int(m) for m in re.findall(r"=> resuming checkpoint .*\(epoch (\d+)\)", log_text)]
     shutil.copyfile(logs / "run" / "out.log", out / "train.log")
-    shutil.rmtree(logs, ignore_errors=True)
+    release_work_dir(work_dir, key)
     return {"checkpoint": str(out / "checkpoint.pt"), "curve": curve, "steps": len(curve),
-            "samples_per_epoch": per_epoch, "resumed_from_epochs": resumed}
+            "samples_per_epoch": per_epoch, "resumed_from_epochs": resumed, "sanitized": sanitized}
 
 
 def _checkpoint_epoch(path: Path) -> int | None:

@@ -14,6 +14,13 @@ from pydantic import Field, PrivateAttr
 
 from winnow.config import ParamsError
 from winnow.filters.base import Step, register
+from winnow.pool.shards import ShardError
+
+
+def _check_width(e: np.ndarray, width: int | None, shard: str, key: str, against: str) -> None:
+    """A shard's embeddings must have the width of what they are compared with (ShardError)."""
+    if width is not None and (e.ndim != 2 or e.shape[1] != width):
+        raise ShardError(f"shard {shard}: embedding '{key}' has shape {e.shape}, {against} have width {width}")
 
 
 def _targets(pool, tasks: list[str] | None, modality: str) -> np.ndarray:
@@ -33,41 +40,56 @@ class SurvivorSample:
 
     def __init__(self, key: str, size: int, seed: int):
         self.key, self.size, self.seed = key, size, seed
-        self.rate, self.offsets = 1.0, {}
+        self.rate, self.offsets, self.width = 1.0, {}, None
 
     def part(self, batch, alive: np.ndarray, pass_no: int):
-        e = batch.embedding(self.key)[alive]
+        e = batch.embedding(self.key)
+        if e.ndim != 2:
+            raise ShardError(f"shard {batch.shard}: embedding '{self.key}' has shape {e.shape}, not rows x width")
+        e = e[alive]
         e = e[np.isfinite(e).all(axis=1)]
         if pass_no == 0:
-            return batch.shard, int(alive.sum()), len(e)
+            return batch.shard, int(alive.sum()), len(e), e.shape[1]
         bits = np.random.PCG64(self.seed)
         bits.advance(self.offsets[batch.shard])
         return e[np.random.Generator(bits).random(len(e)) < self.rate]
 
     def reduce(self, parts, pass_no: int) -> np.ndarray | None:
+        """Pass 0: offsets and the sampling rate (and one embedding width across shards: a shard
+        whose width differs fails naming it); pass 1: the sample, (0, width) when no survivor."""
         if pass_no == 0:
             total, offset = 0, 0
-            for shard, n_alive, n_finite in parts:
+            for shard, n_alive, n_finite, width in parts:
+                if self.width is None:
+                    self.width = width
+                _check_width(np.zeros((0, width)), self.width, shard, self.key, "earlier shards")
                 self.offsets[shard] = offset
                 total, offset = total + n_alive, offset + n_finite
             self.rate = min(1.0, self.size / max(1, total))
             return None
         parts = list(parts)
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, self.width or 0), np.float32)
 
 
-def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Unit-norm centroids (spherical k-means via scikit-learn on normalised vectors)."""
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray | None:
+    """Unit-norm centroids (spherical k-means via scikit-learn on normalised vectors); None when
+    there is nothing to cluster (earlier steps kept no sample with a finite embedding)."""
     from sklearn.cluster import KMeans
 
+    if not len(x):
+        return None
     k = max(1, min(k, len(x)))
     km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit(x)
     c = km.cluster_centers_
     return (c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _assign(e: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Nearest centroid by inner product (DataComp's rule); -1 for rows without a finite embedding."""
+def _assign(e: np.ndarray, centroids: np.ndarray | None, shard: str = "?", key: str = "?") -> np.ndarray:
+    """Nearest centroid by inner product (DataComp's rule); -1 for rows without a finite embedding,
+    and for every row when there are no centroids (nothing was clustered)."""
+    if centroids is None:
+        return np.full(len(e), -1)
+    _check_width(e, centroids.shape[1], shard, key, "the k-means centroids")
     ok = np.isfinite(e).all(axis=1)
     out = np.full(len(e), -1)
     if ok.any():
@@ -104,6 +126,7 @@ class Retrieval(Step):
     def fit_shard(self, batch, alive: np.ndarray, pass_no: int):
         """(shard, each query's top-k survivor scores, their rows) — nothing when no survivor."""
         e = batch.embedding(self.key)
+        _check_width(e, self._q.shape[1], batch.shard, self.key, "the task targets")
         rows = np.flatnonzero(alive & np.isfinite(e).all(axis=1))
         if not len(rows):
             return batch.shard, None, None
@@ -187,11 +210,16 @@ class ImageClusters(_KMeansStep):
         super().fit_begin(pool)
 
     def fitted(self) -> None:
-        self._keep = np.unique(_assign(self._targets, self._centroids))
+        if self._centroids is None:            # earlier steps kept nothing: keep nothing
+            self._keep = np.zeros(0, int)
+        else:
+            _check_width(self._targets, self._centroids.shape[1], "(targets)", "img targets", "the pool's embeddings")
+            a = _assign(self._targets, self._centroids)
+            self._keep = np.unique(a[a >= 0])
         self._targets = None
 
     def keep(self, batch) -> np.ndarray:
-        return np.isin(_assign(batch.embedding(self.key), self._centroids), self._keep)
+        return np.isin(_assign(batch.embedding(self.key), self._centroids, batch.shard, self.key), self._keep)
 
     def state(self) -> dict:
         return {"clusters": 0 if self._centroids is None else len(self._centroids),
@@ -222,13 +250,15 @@ class Rebalance(_KMeansStep):
     def fit_shard(self, batch, alive: np.ndarray, pass_no: int):
         if pass_no < 2:
             return super().fit_shard(batch, alive, pass_no)
-        a = _assign(batch.embedding(self.key), self._centroids)[alive]
+        if self._centroids is None:
+            return np.zeros(0, np.int64)
+        a = _assign(batch.embedding(self.key), self._centroids, batch.shard, self.key)[alive]
         return np.bincount(a[a >= 0], minlength=len(self._centroids))
 
     def fit_reduce(self, parts, pass_no: int) -> None:
         if pass_no < 2:
             return super().fit_reduce(parts, pass_no)
-        counts = np.zeros(len(self._centroids), np.int64)
+        counts = np.zeros(0 if self._centroids is None else len(self._centroids), np.int64)
         for c in parts:
             counts += c
         median = float(np.median(counts[counts > 0])) if (counts > 0).any() else 0.0
@@ -239,7 +269,9 @@ class Rebalance(_KMeansStep):
     def keep(self, batch) -> np.ndarray:
         from winnow.pool import uids as U
 
-        c = _assign(batch.embedding(self.key), self._centroids)
+        c = _assign(batch.embedding(self.key), self._centroids, batch.shard, self.key)
+        if self._centroids is None or not len(self._keep_rate):      # nothing was clustered: keep nothing
+            return np.zeros(len(c), np.int64)
         u = U.hex_to_array(batch.column("uid"), sort=False)["f1"].astype(np.float64) / 2.0**64
         ok = c >= 0
         cc = np.where(ok, c, 0)

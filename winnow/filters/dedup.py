@@ -1,11 +1,46 @@
-"""Duplicate removal across the whole pool."""
+"""Duplicate removal across the whole pool.
+
+``dedup_exact`` reads a hex digest column (DataComp's ``sha256``). A null (or empty) digest means
+the image's bytes are unknown (never downloaded): such a sample is treated as unique — it is never
+a duplicate of anything and never makes another sample one — and counted in the step's state
+(``null_hashes``); the image checks decide on it. A non-null value that is not a hex digest (at
+least 16 hex characters), or a column that is not strings, fails with ShardError naming the shard,
+the column and the count.
+"""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, PrivateAttr
 
 from winnow.filters.base import Step, register
 from winnow.pool import uids as U
+from winnow.pool.shards import ShardError
+
+
+def digest_keys(values: pa.Array | pa.ChunkedArray, shard: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the first 64 bits of each hex digest as uint64, mask of null/empty digests) of one shard's
+    digest column. Raises ShardError for a non-string column or malformed digests."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    if pa.types.is_null(values.type):
+        return np.zeros(len(values), np.uint64), np.ones(len(values), bool)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise ShardError(f"shard {shard}: column '{column}' is {values.type}, not hex digest strings")
+    null = np.asarray(pc.or_kleene(pc.is_null(values), pc.equal(values, "")).fill_null(True), bool)
+    ok = np.asarray(pc.match_substring_regex(values, r"^[0-9a-fA-F]{16}").fill_null(False), bool)
+    bad = ~null & ~ok
+    if bad.any():
+        examples = values.filter(pa.array(bad)).slice(0, 3).to_pylist()
+        raise ShardError(f"shard {shard}: column '{column}' has {int(bad.sum())} value(s) that are not hex digests "
+                         f"(at least 16 hex characters), e.g. {examples}")
+    keys = np.zeros(len(values), np.uint64)
+    if ok.any():
+        head = pc.utf8_slice_codeunits(values.filter(pa.array(ok)), 0, 16)
+        padded = np.char.add(np.asarray(head.to_numpy(zero_copy_only=False), dtype="U16"), "0" * 16)
+        keys[ok] = U.hex_to_array(padded, sort=False)["f0"]
+    return keys, null
 
 
 class _DropsRows(Step):
@@ -22,6 +57,7 @@ class DedupExact(_DropsRows):
     kind = "dedup_exact"
     column: str = "sha256"
     _groups: int = PrivateAttr(0)
+    _nulls: int = PrivateAttr(0)
     is_global = True
 
     def requires(self):
@@ -29,11 +65,13 @@ class DedupExact(_DropsRows):
 
     def fit(self, pool, alive) -> None:
         keys, owners = [], []
+        self._nulls = 0
         for k, shard in enumerate(pool.shards):
-            digest = pool.batch(shard).column(self.column)
             # the first 64 bits of the hex digest identify an image among billions; ints sort fast
-            h = U.hex_to_array(np.asarray(digest, dtype="U32"), sort=False)["f0"]
+            h, null = digest_keys(pool.batch(shard).arrow(self.column), shard, self.column)
             rows = np.flatnonzero(alive(shard))
+            self._nulls += int(null[rows].sum())
+            rows = rows[~null[rows]]                 # an unknown digest is unique: never grouped
             keys.append(h[rows])
             owners.append(np.stack([np.full(len(rows), k), rows], axis=1))
         keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
@@ -47,7 +85,8 @@ class DedupExact(_DropsRows):
 
 
     def state(self) -> dict:
-        return {"unique_images": self._groups, "duplicates": int(sum(len(v) for v in self._drop.values()))}
+        return {"unique_images": self._groups, "duplicates": int(sum(len(v) for v in self._drop.values())),
+                "null_hashes": self._nulls}
 
 
 @register
@@ -75,6 +114,9 @@ class DedupNear(_DropsRows):
         for shard in pool.shards:
             rows = np.flatnonzero(alive(shard))
             e = pool.batch(shard).embedding(self.embedding)[rows]
+            if kept.size and e.ndim == 2 and e.shape[1] != kept.shape[1]:
+                raise ShardError(f"shard {shard}: embedding '{self.embedding}' has width {e.shape[1]}, "
+                                 f"earlier shards {kept.shape[1]}")
             ok = np.isfinite(e).all(axis=1)          # quarantined images (NaN) are never duplicates
             e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
             drop = []
