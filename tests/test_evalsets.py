@@ -75,10 +75,16 @@ def test_fixture_datasets_cache_loads_offline_through_load_dataset(evalroot):
     assert all(x.endswith("ImageFile") for x in lines)   # decoded PIL images, as DataComp's loaders get them
 
 
+@pytest.fixture
+def always_workers(monkeypatch):
+    """Decode in DataLoader workers even for the fixture's tiny sets."""
+    monkeypatch.setattr(T, "WORKERS_MIN_BYTES", 0)
+
+
 def test_datacomp_layout_scores_present_sets_and_labels_the_partial_average(evalroot, tiny, tmp_path):
     model, pre, tok = tiny
     rows = E.evaluate_suite(model, pre, tok, load_suite("datacomp38"), str(evalroot), str(tmp_path / "r.jsonl"),
-                            batch_size=16, workers=2, device="cpu")
+                            batch_size=16, device="cpu")
     by = {r["key"]: r for r in rows}
     present = set(F.WDS) | set(F.HF)
     assert {k for k, r in by.items() if r["status"] == "ok"} == present
@@ -105,11 +111,19 @@ def test_datacomp_layout_scores_present_sets_and_labels_the_partial_average(eval
     assert s["groups_scored"]["Retrieval"] == "3/3" and s["groups_scored"]["VTAB"] == "1/13"
     assert "fairness/fairface" in s["fairness"] and "fairness/fairface" not in s["tasks"]
     assert len(s["missing"]) == 40 - 8 and "fairness/utkface" in s["missing"]
-    # workers do not change the numbers
-    again = E.evaluate_suite(model, pre, tok, suite_of("vtab/caltech101", "retrieval/flickr_1k_test_image_text_retrieval"),
-                             str(evalroot), str(tmp_path / "r0.jsonl"), batch_size=7, workers=0, device="cpu")
-    for r in again:
-        assert r["metrics"] == pytest.approx(by[r["key"]]["metrics"])
+
+
+def test_workers_do_not_change_the_numbers(evalroot, tiny, tmp_path, always_workers):
+    """Spawned DataLoader workers: a tar each, dataset rows in blocks, another batch size. (Fewer
+    tars than workers, each worker taking every n-th sample: the pickle test.)"""
+    model, pre, tok = tiny
+    suite = suite_of("cifar10", "retrieval/flickr_1k_test_image_text_retrieval")
+    base = E.evaluate_suite(model, pre, tok, suite, str(evalroot), str(tmp_path / "a.jsonl"), batch_size=16,
+                            workers=0, device="cpu")
+    rows = E.evaluate_suite(model, pre, tok, suite, str(evalroot), str(tmp_path / "b.jsonl"), batch_size=5,
+                            workers=2, device="cpu")
+    for r, b in zip(rows, base):
+        assert r["status"] == "ok" and r["metrics"] == pytest.approx(b["metrics"]), r["key"]
 
 
 def test_complete_suite_has_an_average(evalroot, tiny, tmp_path):
@@ -181,7 +195,7 @@ def test_resume_is_keyed_by_model_set_spec_and_version(evalroot, tiny, tmp_path,
     assert len(results.read_text().splitlines()) == 2                     # one line per task: stale lines dropped
 
 
-def test_pickle_members_are_never_unpickled(tmp_path, tiny):
+def test_pickle_members_are_never_unpickled(tmp_path, tiny, always_workers):
     """A .pyd member whose unpickling would create a directory: webdataset's default decoders run it,
     the evaluation skips it unread and scores the task."""
     import webdataset as wds
@@ -202,11 +216,12 @@ def test_pickle_members_are_never_unpickled(tmp_path, tiny):
     assert rows[0]["status"] == "ok" and rows[0]["metrics"]["n"] == 6 and rows[0]["skipped_members"] == 12
     samples_seen = list(E._samples(tmp_path / "wds_cifar10_test"))       # the embed stage's compatibility reader too
     assert len(samples_seen) == 6 and "pyd" not in samples_seen[0] and not marker.exists()
-    batches = list(T.iter_split(suite_of("cifar10").tasks[0], tmp_path, layout="datacomp", workers=1, batch_size=4))
-    assert sum(len(b.keys) for b in batches) == 6 and not marker.exists()
+    batches = list(T.iter_split(suite_of("cifar10").tasks[0], tmp_path, layout="datacomp", workers=2, batch_size=4))
+    assert sorted(k for b in batches for k in b.keys) == [f"0.tar/s{i:03d}" for i in range(6)]   # one tar, 2 workers
+    assert sum(b.skipped_members for b in batches) == 12 and not marker.exists()
 
 
-def test_bombs_and_corrupt_images_are_quarantined_not_fatal(tmp_path, tiny):
+def test_bombs_and_corrupt_images_are_quarantined_not_fatal(tmp_path, tiny, always_workers):
     from PIL import Image
 
     rng = np.random.default_rng(4)
@@ -286,7 +301,7 @@ def test_tasks_stage_fails_naming_missing_sets_unless_partial_is_allowed(evalroo
         stage.check_real(_params("data/tasks/real", True), suite)
 
 
-def test_iter_split_streams_bounded_batches_for_alignment(tmp_path, tiny):
+def test_iter_split_streams_bounded_batches_for_alignment(tmp_path, tiny, always_workers):
     """The alignment-targets API: a demo-layout train split, PIL or preprocessed, in batches."""
     from winnow.tasks import generate_task
 

@@ -12,7 +12,6 @@ UTKFace: DataComp's fairness_eval.py (WILDS' standard group evaluation), outside
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import f1_score, jaccard_score
 
 
 def topk(logits: np.ndarray, k: int) -> np.ndarray:
@@ -29,6 +28,8 @@ def mean_per_class_recall(pred: np.ndarray, y: np.ndarray) -> float:
 
 def macro_f1(pred: np.ndarray, y: np.ndarray) -> float:
     """Macro F1 over the classes that occur in ``y`` (what WILDS' F1(average='macro') computes)."""
+    from sklearn.metrics import f1_score   # imported here: scipy costs ~100 MB of memory in every process
+
     return float(f1_score(y, pred, average="macro", labels=np.unique(y), zero_division=0))
 
 
@@ -64,6 +65,8 @@ def classification_metrics_from_topk(top: np.ndarray, y: np.ndarray, groups: np.
 def winogavil_metrics(scores: list[np.ndarray], truths: list[np.ndarray]) -> dict:
     """Jaccard of the top-|associations| candidates per instance; DataComp's main metric is the mean
     over instances with 10-12 candidates (``jaccard_score_10-12``)."""
+    from sklearn.metrics import jaccard_score
+
     js, sizes = [], []
     for s, t in zip(scores, truths):
         t = np.asarray(t, bool)

@@ -50,8 +50,6 @@ from tqdm import tqdm
 
 from winnow.config import CONFIGS, load_yaml, validate_model
 from winnow.io import atomic_dir, atomic_file, local, write_json
-from winnow.pool import shards, world
-from winnow.pool.world import Scene
 
 
 class MissingTask(FileNotFoundError):
@@ -205,14 +203,14 @@ def tar_complete(path: Path) -> bool:
         return fh.read(1024) == bytes(1024)
 
 
-def iter_tar(path: Path, stats: dict | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {suffix: bytes})`` per sample of a webdataset tar, consecutive members grouped by key
-    as webdataset groups them (suffixes lower-cased). Only allowlisted members are read; the others
-    are counted in ``stats["skipped_members"]``. A truncated or corrupt tar raises MissingTask."""
-    stats = stats if stats is not None else {}
+def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes], int]]:
+    """``(key, {suffix: bytes}, skipped)`` per sample of a webdataset tar, consecutive members
+    grouped by key as webdataset groups them (suffixes lower-cased). Only allowlisted members are
+    read; ``skipped`` counts the sample's other members. A truncated or corrupt tar raises
+    MissingTask."""
     if not tar_complete(path):
         raise MissingTask(f"{path} is truncated or not a tar (no end-of-archive blocks)")
-    key, members = None, {}
+    key, members, skipped = None, {}, 0
     try:
         with tarfile.open(path, mode="r|") as tf:
             for m in tf:
@@ -223,17 +221,17 @@ def iter_tar(path: Path, stats: dict | None = None) -> Iterator[tuple[str, dict[
                     continue
                 k, suffix = match.group(1), match.group(2).lower()
                 if k != key:
-                    if members:
-                        yield key, members
-                    key, members = k, {}
+                    if members or skipped:
+                        yield key, members, skipped
+                    key, members, skipped = k, {}, 0
                 if suffix.rsplit(".", 1)[-1] not in ALLOWED:
-                    stats["skipped_members"] = stats.get("skipped_members", 0) + 1
+                    skipped += 1
                     continue
                 members[suffix] = tf.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise MissingTask(f"{path} is not a readable tar: {exc}") from None
-    if members:
-        yield key, members
+    if members or skipped:
+        yield key, members, skipped
 
 
 def decode_image(data: bytes):
@@ -414,6 +412,12 @@ class SplitStream(torch.utils.data.IterableDataset):
             self.ds = load_hf(data, HF_COLUMNS[hf_kind] if kind != "images" else ["image"])
         self.rows_per_block = max(1, batch_size // 8) if kind == "association" else batch_size
 
+    def nbytes(self) -> int:
+        """The split's size on disk (its tars, or the dataset's Arrow files)."""
+        if self.ds is not None:
+            return sum(os.path.getsize(f["filename"]) for f in self.ds.cache_files)
+        return sum(t.stat().st_size for t in self.tars)
+
     def units(self) -> int:
         """How many workers can be kept busy."""
         if self.ds is not None:
@@ -492,9 +496,12 @@ class SplitStream(torch.utils.data.IterableDataset):
         mine = self.tars if by_sample else self.tars[wid::nw]
         i = -1
         for tar in mine:
-            for key, members in iter_tar(tar, stats):
+            for key, members, skipped in iter_tar(tar):
                 i += 1
                 if by_sample and i % nw != wid:
+                    continue
+                stats["skipped_members"] += skipped
+                if not members:
                     continue
                 try:
                     yield self._wds_record(f"{tar.name}/{key}", members), None
@@ -523,18 +530,17 @@ class SplitStream(torch.utils.data.IterableDataset):
             yield acc.flush()
 
 
+WORKERS_MIN_BYTES = 16 << 20   # a smaller split is decoded in the caller's process: starting workers costs more
+
+
 def worker_context():
-    """Where DataLoader workers come from: a fork server — started once per process from a fresh
-    interpreter with torch, open_clip and this module imported — so a worker inherits none of the
-    stage's threads and handles (MLflow, Prefect), as with spawn, yet starts in milliseconds instead
-    of re-importing torch for every task's loader. Spawn where there is no fork server."""
+    """DataLoader workers are spawned, not forked: a worker must not inherit the stage's threads
+    and handles (MLflow, Prefect). (A fork server preloading torch starts workers faster but keeps a
+    third copy of torch's pages resident: measured in bench/eval_rss.py, it put a 1-worker
+    evaluation over 2 GB of summed RSS; spawn stays under.)"""
     import multiprocessing as mp
 
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", "open_clip", "PIL.Image", "numpy", "winnow.tasks"])
-    return ctx
+    return mp.get_context("spawn")
 
 
 def iter_split(task: Task, data_root: str | os.PathLike, split: str = "test", transform=None,
@@ -546,11 +552,12 @@ def iter_split(task: Task, data_root: str | os.PathLike, split: str = "test", tr
     ``kind``: what each sample must hold — classification (image + cls [+ npy with task.groups]),
     retrieval (image + captions), association (WinoGAViL instances), fairface (image + npy), or
     images (an image, with cls/txt/npy when present: for alignment targets); default from the task
-    type. Raises MissingTask when the split is absent or unusable (at once, or when reached)."""
+    type. A split under WORKERS_MIN_BYTES is read in this process whatever ``workers`` says. Raises
+    MissingTask when the split is absent or unusable (at once, or when reached)."""
     kind = kind or default_kind(task)
     data = task_data(task, data_root, layout)
     stream = SplitStream(data, split, kind, transform, batch_size, need_meta=task.groups is not None)
-    n = min(workers, stream.units())
+    n = min(workers, stream.units()) if stream.nbytes() >= WORKERS_MIN_BYTES else 0
     if n == 0:
         batches = iter(stream)
     else:
@@ -571,7 +578,9 @@ def iter_samples(task_dir: Path, split: str = "test") -> Iterator[dict]:
 
     def gen():
         for tar in tars:
-            for key, members in iter_tar(tar):
+            for key, members, _ in iter_tar(tar):
+                if not members:
+                    continue
                 try:
                     yield {"__key__": key} | {s: decode_member(s, d) for s, d in members.items()}
                 except BadMember:
@@ -637,7 +646,7 @@ def check_set(task: Task, data_root: str | os.PathLike, layout: str) -> dict:
         if bad:
             raise MissingTask(f"{data.path / 'test'}: {len(bad)} tar(s) truncated: {bad[:5]}")
         row["shards"], row["bytes"] = len(tars), sum(t.stat().st_size for t in tars)
-        key, members = next(iter_tar(tars[0]), (None, {}))
+        key, members, _ = next(iter_tar(tars[0]), (None, {}, 0))
         need = {"zeroshot_classification": ["cls"] + (["npy"] if task.groups else []), "fairface": ["npy"],
                 "retrieval": ["txt"], "association": ["json"]}[task.type]
         lacking = [s for s in need if s not in members]
@@ -651,9 +660,9 @@ def check_set(task: Task, data_root: str | os.PathLike, layout: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# the demo suite
+# the demo suite (the synthetic world and pyarrow are imported in generate_task only: readers of
+# real sets, which run in every DataLoader worker, do not pay for them)
 
-COLOUR_SHAPE = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
 COUNT_CLASSES = ["one object", "two objects", "three objects", "four objects"]
 TEMPLATES = {
     "colour_shape": ["a photo of a {c}.", "a {c}.", "clip art of a {c}.", "an image of a {c} shape."],
@@ -665,10 +674,14 @@ TEMPLATES = {
 
 def generate_task(task: Task, root: str, seed: int, n_test: int, n_train: int) -> dict:
     """Render one demo task into ``root/<key>`` (atomic). Returns sha256 of every image written."""
+    from winnow.pool import shards, world
+    from winnow.pool.world import Scene
+
     spec = task.demo or {}
     label = spec.get("label")
     rng = np.random.default_rng([seed, 7, int(hashlib.md5(task.key.encode()).hexdigest()[:8], 16)])
-    classes = {"colour_shape": COLOUR_SHAPE, "count": COUNT_CLASSES, "colour": list(world.COLOURS),
+    colour_shape = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
+    classes = {"colour_shape": colour_shape, "count": COUNT_CLASSES, "colour": list(world.COLOURS),
                "shape": list(world.SHAPES)}.get(label, [])
     hashes = []
     with atomic_dir(local(root) / task.key) as tmp:
