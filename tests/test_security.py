@@ -253,6 +253,24 @@ def test_a_live_writers_temp_file_is_left_alone_and_legacy_ones_age_out(tmp_path
     assert live.exists() and not legacy.exists()
 
 
+def test_a_dir_swap_cut_between_its_renames_is_rolled_back(tmp_path):
+    """atomic_dir moves the old version aside, then the new one in: a SIGKILL between the two
+    renames leaves no target; the next sweep puts the old version back (and a user's own
+    ``.x.old`` directory is never touched)."""
+    from winnow.io import HOST, sweep_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner = f"{HOST}-{dead.pid}"
+    (tmp_path / f".d.{owner}-0123456789ab.old").mkdir()
+    (tmp_path / f".d.{owner}-0123456789ab.old" / "v1").write_text("old")
+    (tmp_path / f".d.{owner}-ba9876543210.tmp").mkdir()                # the new version, never renamed
+    (tmp_path / ".venv.old").mkdir()
+    sweep_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".venv.old", "d"]
+    assert (tmp_path / "d" / "v1").read_text() == "old"
+
+
 def test_atomic_writes_fsync_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
     from winnow import io as wio
 

@@ -139,6 +139,7 @@ def source(uri: str | os.PathLike):
 
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{12}|[a-z0-9_]{8}|[0-9a-f]{32})\.tmp$")
+_OLD = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{12}\.old$")
 LEGACY_STALE_S = 3600.0          # a temp file without an owner (older winnow, other host) is stale after this
 SWEEP_EVERY_S = 60.0             # a directory is swept at most this often per process
 _swept: dict[str, float] = {}
@@ -174,11 +175,11 @@ def owner_gone(host: str | None, pid: str | int | None, mtime: float, legacy_sta
 
 
 def sweep_stale(directory: str | os.PathLike, legacy_stale_s: float = LEGACY_STALE_S) -> list[str]:
-    """Remove the temporary siblings (``.<name>.*.tmp`` files and directories, ``.<name>.old``
+    """Remove the temporary siblings (``.<name>.*.tmp`` files and directories, ``.<name>.<owner>.old``
     directories of an interrupted atomic_dir) that a killed writer left in ``directory``. A temp
     entry goes when its owner process is dead (same host) or, without an owner, when it is older
-    than ``legacy_stale_s``. An ``.old`` whose target is missing is put back (the swap was cut
-    between its two renames). Returns the names removed."""
+    than ``legacy_stale_s``. An ``.old`` of a dead writer whose target is missing is put back (the
+    swap was cut between its two renames). Returns the names removed."""
     d = Path(directory)
     removed = []
     try:
@@ -193,13 +194,15 @@ def sweep_stale(directory: str | os.PathLike, legacy_stale_s: float = LEGACY_STA
             st = e.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        if e.name.endswith(".old") and e.is_dir(follow_symlinks=False):
-            target = e.name[1:-len(".old")]
-            if target in names:
+        old = _OLD.match(e.name)
+        if old and e.is_dir(follow_symlinks=False):
+            if not owner_gone(old["host"], old["pid"], st.st_mtime, legacy_stale_s):
+                continue
+            if old["name"] in names:
                 _remove(d / e.name)
                 removed.append(e.name)
-            elif not _writer_alive(d, target, names):
-                os.replace(d / e.name, d / target)     # restore the previous version: the new one never landed
+            else:
+                os.replace(d / e.name, d / old["name"])    # the previous version: the new one never landed
             continue
         m = _TMP.match(e.name)
         if not m or not owner_gone(m["host"], m["pid"], st.st_mtime, legacy_stale_s):
@@ -207,20 +210,6 @@ def sweep_stale(directory: str | os.PathLike, legacy_stale_s: float = LEGACY_STA
         _remove(d / e.name)
         removed.append(e.name)
     return removed
-
-
-def _writer_alive(d: Path, target: str, names: set[str]) -> bool:
-    """Whether a live process still holds a temp sibling of ``target`` (an atomic_dir in progress)."""
-    for n in names:
-        m = _TMP.match(n)
-        if m and m["name"] == target:
-            try:
-                mtime = os.stat(d / n, follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                continue
-            if not owner_gone(m["host"], m["pid"], mtime):
-                return True
-    return False
 
 
 def _remove(p: Path) -> None:
@@ -336,8 +325,7 @@ def atomic_dir(uri: str | os.PathLike) -> Iterator[Path]:
             yield tmp
             fsync_tree(tmp)
             if dest.exists():
-                old = dest.with_name(f".{dest.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
+                old = dest.with_name(temp_name(dest.name)[:-len(".tmp")] + ".old")
                 os.replace(dest, old)
                 os.replace(tmp, dest)
                 fsync_dir(dest.parent)
