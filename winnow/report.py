@@ -87,10 +87,14 @@ def _sections(run: RunData, markdown: bool) -> list[tuple[str, str]]:
         out.append(("Scoring CLIP (held-out demo pairs)", _table(["measure", "value"], [[k, v] for k, v in run.quality.items()], markdown)))
     if s:
         rows = [[k, v] for k, v in s.get("tasks", {}).items()] + [[f"group: {g}", v] for g, v in s.get("groups", {}).items()]
-        rows.append(["average", s.get("average")])
+        label = s.get("average_label", "average")   # DataComp's average only when every ranked task is scored
+        rows.append([label, s.get("average") if s.get("average") is not None else s.get("partial_average")])
         body = _table(["task", "main metric"], rows, markdown)
         if s.get("missing"):
             body += f"\n\nMissing tasks (not scored): {', '.join(s['missing'])}"
+        if s.get("fairness"):   # FairFace / UTKFace: DataComp's fairness evaluation, outside the average
+            body += "\n\nFairness (outside the average):\n\n" + _table(
+                ["task", "metric", "value"], [[t, k, v] for t, m in s["fairness"].items() for k, v in m.items()], markdown)
         out.append(("Evaluation", body))
     if run.earlier:
         from winnow.compare import to_markdown
@@ -167,8 +171,12 @@ def figures(run: RunData, pool_dir: str | None, per_grid: int = 12, seed: int = 
                     list(rows["kind"]) if "kind" in rows else [None] * len(rows), title)))
     if s.get("tasks"):
         figs.append(("eval_tasks", "Main metric per task", plots.bars(list(s["tasks"]), list(s["tasks"].values()), "Per task")))
-        figs.append(("eval_groups", "Group means and average", plots.bars(
-            list(s["groups"]) + ["average"], list(s["groups"].values()) + [s["average"]], "Per group")))
+        avg = s.get("average") if s.get("average") is not None else s.get("partial_average")
+        names, values = list(s["groups"]), list(s["groups"].values())
+        if avg is not None:
+            names.append("average" if s.get("average") is not None else f"partial average ({s.get('num_scored')} tasks)")
+            values.append(avg)
+        figs.append(("eval_groups", "Group means and average", plots.bars(names, values, "Per group")))
     if run.earlier:
         labels = [f"{r['run']} · {r['recipe']}" for r in run.earlier if r["average"] is not None][:15]
         avgs = [r["average"] for r in run.earlier if r["average"] is not None][:15]
