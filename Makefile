@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# img2dataset, as DataComp's download_upstream.py runs it, for the tests' real-layout pool fixture:
+# its own environment (it pins pandas<3 and a dataclasses backport that breaks Prefect's server)
+I2D := .venv-img2dataset
+$(I2D)/.installed: Makefile
+	test -x $(I2D)/bin/python || python3 -m venv $(I2D)
+	$(I2D)/bin/python -m pip install -q "img2dataset==1.47.0"
+	touch $@
+
 run: $(STAMP)
 	$(PY) -m winnow run
 
@@ -31,10 +39,10 @@ check: $(STAMP)
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: $(STAMP) chromium
+test: $(STAMP) $(I2D)/.installed chromium
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(I2D)/.installed
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow"
 
 clean:
