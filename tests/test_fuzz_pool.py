@@ -470,75 +470,7 @@ def run_cases(indices, pool_src: str, work: str, workers: int = WORKERS) -> dict
 
 # Known defects in files outside this pass, as the fuzz cases show them. Each case lists the defect
 # it trips; the final report of issue 13 gives the proposed fix. Remove an entry when it XPASSes.
-D1 = ("filters/engine.py probe_shards/check_requirements check only shard 0 for the recipe's columns and "
-      "embedding keys: a later shard without one raises a raw KeyError from pool/view.py ShardBatch.arrow/embedding")
-D2 = ("pool/shards.py read_npz does not catch zipfile.BadZipFile (not a zip; bad CRC while reading an array)")
-D3 = ("pool/checks.py inspect_shard assumes 2-D npz arrays (len(v), isfinite(v).all(axis=1)): a 0-D, 1-D or 3-D "
-      "array raises AxisError/ValueError/TypeError")
-D4 = ("filters/clip_score.py embedding-pair score (einsum) on arrays of different widths or ndim: raw numpy ValueError")
-D5 = ("pool/view.py Pool.open: a missing, non-UTF-8 or invalid manifest.json, or one that is not an object or has "
-      "a non-string uri, is not a named error (FileNotFoundError/UnicodeDecodeError/AttributeError/TypeError)")
-D6 = ("pool/shards.py iter_tar/_sample: a json member that is JSON but not an object (a list) reaches "
-      "pool/checks.py inspect_shard's s['json'].get: AttributeError")
-D7 = ("pool/shards.py _sample: json.loads of a non-UTF-8 json member raises UnicodeDecodeError, not caught by iter_tar")
-D8 = ("filters/engine.py _run: a 0-row shard's decisions table (null-typed columns) fixes the ParquetWriter schema; "
-      "later shards fail table.cast(schema): ArrowNotImplementedError")
-
-
-def _both(*reasons: str) -> str:
-    return " AND ".join(reasons)
-
-
-XFAIL: dict[int, str] = {
-    0: D5,
-    4: D2,
-    10: D4,
-    14: D8,
-    21: D6,
-    30: D5,
-    32: D1,
-    33: D1,
-    34: D2,
-    38: D3,
-    39: D2,
-    40: D4,
-    42: D1,
-    46: D1,
-    64: D6,
-    68: D3,
-    69: D2,
-    79: D3,
-    90: D5,
-    92: D1,
-    94: D5,
-    98: D3,
-    99: D2,
-    102: D1,
-    106: D1,
-    120: D5,
-    122: D1,
-    123: D1,
-    124: D2,
-    128: _both(D3, D4),
-    129: D2,
-    130: D4,
-    150: D5,
-    152: D1,
-    154: D2,
-    158: D3,
-    159: D2,
-    180: D5,
-    184: D2,
-    188: _both(D3, D4),
-    189: D2,
-    210: D5,
-    212: D1,
-    214: D2,
-    218: D3,
-    219: D2,
-    222: D1,
-    227: D8,
-}
+XFAIL: dict[int, str] = {}   # case -> a known defect it shows (strict: a fix turns it into a failure to remove)
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,16 @@ class TopFractionSelect:
         return key_to_float((self.bucket << 16) | low)
 
 
+
+def _cosine(batch, img: str, txt: str) -> np.ndarray:
+    """Row-wise cosine of two unit embedding arrays; arrays that do not pair up are a ShardError."""
+    from winnow.pool.shards import ShardError
+
+    a, b = batch.embedding(img), batch.embedding(txt)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ShardError(f"shard {batch.shard}: embeddings '{img}' {a.shape} and '{txt}' {b.shape} do not pair up")
+    return np.einsum("nd,nd->n", a, b)
+
 @register
 class ClipScore(Step):
     """Keep samples whose image-text similarity is high.
@@ -100,7 +110,7 @@ class ClipScore(Step):
             return batch.column(self.score).astype(np.float32)
         img, txt = self.embeddings
         # cosine of the pair, computed once per shard and run (every pass reads it back)
-        return batch.cached(f"cos.{img}.{txt}", lambda: np.einsum("nd,nd->n", batch.embedding(img), batch.embedding(txt)))
+        return batch.cached(f"cos.{img}.{txt}", lambda: _cosine(batch, img, txt))
 
     def needs_fit(self) -> bool:
         return self.fraction is not None

@@ -97,25 +97,35 @@ def load_recipe(name: str | dict, overrides: dict | None = None, targets: dict |
     return recipe
 
 
-def _probe(recipe: Recipe, pool: Pool, shard: str) -> str | None:
-    """Why a shard cannot be read (uids, and the row counts of the embeddings the recipe needs), or None."""
+def _probe(recipe: Recipe, pool: Pool, shard: str) -> tuple[str | None, list[str]]:
+    """Why a shard cannot be read (uids, and the row counts of the embeddings the recipe needs), or
+    None; and the recipe's inputs (columns and embedding keys) the shard has."""
+    cols = sorted({c for s in recipe.steps for c in s.requires()[0]})
     keys = sorted({k for s in recipe.steps for k in s.requires()[1]})
     try:
         b = pool.batch(shard)
         n = len(b.column("uid"))
+        have = [c for c in cols if c in b.columns()] + [k for k in keys if k in b.embedding_keys()]
         for k in (k for k in keys if k in b.embedding_keys()):
             if (rows := b.embedding_rows(k)) != n:
                 raise ShardError(f"shard {shard}: embedding '{k}' has {rows} rows, metadata {n}")
     except (ShardError, KeyError, OSError, ValueError) as exc:
-        return str(exc)
-    return None
+        return str(exc), []
+    return None, have
 
 
 def probe_shards(recipe: Recipe, pool: Pool, executor: str = "serial", workers: int = 1,
                  address: str | None = None) -> tuple[Pool, list[dict]]:
     """A shard that cannot be read fails the run naming it, or — when the recipe says
-    ``corrupt_shards: quarantine`` — is left out and reported with its error."""
-    errors = map_shards(_probe, [(recipe, pool, s) for s in pool.shards], executor, workers, address)
+    ``corrupt_shards: quarantine`` — is left out and reported with its error. So does a shard that
+    lacks an input the first readable shard has (one the pool lacks altogether is named, with the
+    valid choices, by check_requirements)."""
+    results = list(map_shards(_probe, [(recipe, pool, s) for s in pool.shards], executor, workers, address))
+    errors = [e for e, _ in results]
+    first = next((have for e, have in results if e is None), [])
+    for k, (e, have) in enumerate(results):
+        if e is None and (lacks := sorted(set(first) - set(have))):
+            errors[k] = f"shard {pool.shards[k]}: lacks {', '.join(lacks)}, which the recipe reads and other shards have"
     bad = [{"shard": s, "error": e} for s, e in zip(pool.shards, errors) if e]
     if bad and recipe.corrupt_shards == "fail":
         raise ShardError(f"{bad[0]['error']} (set `corrupt_shards: quarantine` in the recipe to skip such shards)")
@@ -361,7 +371,7 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
             for s in pool.shards]
     desc = f"filter {recipe.name}: " + (", ".join(labels[start:]) + " + decisions" if groups else "decisions")
     with atomic_file(out / "decisions.parquet") as tmp:
-        writer = None
+        writer, empty = None, None
         for part in mapped(_finish, args, desc):
             total += part["n"]
             n_after += np.asarray(part["after"], np.int64)
@@ -371,11 +381,17 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
             for k, v in part.get("download", {}).items():
                 download[k] += v
             table = part["table"]
+            if table.num_rows == 0:      # an empty shard's null-typed columns must not fix the schema
+                empty = table if empty is None else empty
+                continue
             if writer is None:
                 schema = table.schema
                 # dictionary pages only where values repeat; random-hex uids gain nothing from one
                 writer = pq.ParquetWriter(tmp, schema, use_dictionary=["shard", "dropped_by"])
             writer.write_table(table.cast(schema))
+        if writer is None and empty is not None:   # every shard empty: the file still has its columns
+            writer = pq.ParquetWriter(tmp, empty.schema)
+            writer.write_table(empty)
         if writer:
             writer.close()
     U.save(out / "uids.npy", U.sort_uids(np.concatenate(kept_parts)))

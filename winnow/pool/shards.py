@@ -83,11 +83,23 @@ def read_npz(uri: str, shard: str, keys: list[str] | None = None) -> dict[str, n
             missing = [k for k in wanted if k not in z.files]
             if missing:
                 raise ShardError(f"shard {shard}: {p} lacks key(s) {missing} (has {z.files})")
-            return {k: z[k].astype(np.float32) for k in wanted}
+            out = {k: z[k].astype(np.float32) for k in wanted}
     except FileNotFoundError:
         raise ShardError(f"shard {shard}: embeddings {p} are missing") from None
-    except (ValueError, OSError) as exc:
-        raise ShardError(f"shard {shard}: cannot read {p}: {exc}") from None
+    except ShardError:
+        raise
+    except Exception as exc:   # zip/npy corruption surfaces as many types (BadZipFile, EOFError, ValueError …)
+        raise ShardError(f"shard {shard}: cannot read {p}: {type(exc).__name__}: {exc}") from None
+    for k, v in out.items():
+        check_embedding(v, shard, f"{p} '{k}'")
+    return out
+
+
+def check_embedding(v: np.ndarray, shard: str, label: str, width: int | None = None) -> None:
+    """An embedding array is (rows, width): anything else is a ShardError naming it."""
+    if v.ndim != 2 or (width is not None and v.shape[1] != width):
+        want = f"(rows, {width})" if width else "(rows, width)"
+        raise ShardError(f"shard {shard}: embedding {label} has shape {v.shape}, expected {want}")
 
 
 def write_npz(uri: str, shard: str, arrays: dict[str, np.ndarray], dtype=np.float16) -> None:
@@ -96,12 +108,22 @@ def write_npz(uri: str, shard: str, arrays: dict[str, np.ndarray], dtype=np.floa
             np.savez(fh, **{k: np.asarray(v, dtype=dtype) for k, v in arrays.items()})
 
 
+def _json(data: bytes | None) -> dict:
+    """A sample's json member; one that is not a JSON object reads as {} (the sample has no uid, so
+    readers count it, never crash on it)."""
+    try:
+        obj = json.loads(data) if data is not None else {}
+    except ValueError:   # JSONDecodeError, UnicodeDecodeError
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def _sample(members: dict) -> dict:
     return {
         "__key__": members["__key__"],
         "jpg": members.get("jpg") or members.get("jpeg") or members.get("png") or members.get("webp"),
         "txt": members["txt"].decode("utf-8", errors="replace") if "txt" in members else None,
-        "json": json.loads(members["json"]) if "json" in members else {},
+        "json": _json(members.get("json")),
     }
 
 
@@ -109,10 +131,14 @@ def iter_tar(uri: str, shard: str) -> Iterator[dict]:
     """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "txt": str, "json": dict}``.
 
     Members are grouped by key (name up to the first dot) and read in memory, never extracted, so
-    a member named ``../x`` or ``/x`` cannot write anywhere. A truncated or corrupt tar raises
+    a member named ``../x`` or ``/x`` cannot write anywhere. Only allowlisted member types are read
+    (images, txt, json, cls: ``winnow.decode.ALLOWED_SUFFIXES``), each at most
+    ``decode.MAX_MEMBER_BYTES``; others are skipped unread. A truncated or corrupt tar raises
     ShardError naming the shard: tarfile itself ends quietly at a cut-off header, so the archive's
     end-of-file blocks are checked too.
     """
+    from winnow import decode
+
     p = path(uri, shard, "tar")
     if not wio.exists(p):
         raise ShardError(f"shard {shard}: images {p} are missing")
@@ -125,13 +151,13 @@ def iter_tar(uri: str, shard: str) -> Iterator[dict]:
                 for m in tf:
                     if not m.isreg():
                         continue
+                    end = m.offset_data + -(-m.size // 512) * 512
+                    key, ext = decode.member_suffix(m.name)
+                    if not decode.allowed_member(m.name) or m.size > decode.MAX_MEMBER_BYTES:
+                        continue    # never read: a pickle, or a member too large to hold (stream mode skips it)
                     data = tf.extractfile(m).read()
                     if len(data) != m.size:
                         raise ShardError(f"shard {shard}: tar {p} is truncated inside member {m.name!r}")
-                    end = m.offset_data + -(-m.size // 512) * 512
-                    folder, _, base = m.name.rpartition("/")
-                    key, _, ext = base.partition(".")
-                    key = f"{folder}/{key}" if folder else key
                     if current and key != current["__key__"]:
                         yield _sample(current)
                         current = {}
@@ -191,12 +217,9 @@ def read_stats(uri: str, shard: str) -> dict:
 
 
 def decode_image(data: bytes):
-    """Decode JPEG bytes to an RGB PIL image; raises ValueError on corrupt data."""
-    from PIL import Image
+    """Decode untrusted image bytes to an RGB PIL image, its declared size checked before decoding
+    (``winnow.decode.open_image``); raises ValueError (ImageError, ImageTooLarge) on a corrupt image
+    or a decompression bomb, which callers quarantine."""
+    from winnow.decode import open_image
 
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
-    except Exception as exc:
-        raise ValueError(f"corrupt image: {exc}") from None
+    return open_image(data)

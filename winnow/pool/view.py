@@ -31,11 +31,20 @@ class Pool:
 
     @classmethod
     def open(cls, pool_dir: str, embed_uri: str | None = None) -> "Pool":
-        manifest = read_json(wio.join(pool_dir, "manifest.json"))
-        uri = manifest.get("uri", ".")
+        where = wio.join(pool_dir, "manifest.json")
+        try:
+            manifest = read_json(where)
+        except FileNotFoundError:
+            raise shards.ShardError(f"no pool manifest at {where}: run the pool stage first") from None
+        except ValueError as exc:   # not JSON, not UTF-8
+            raise shards.ShardError(f"pool manifest {where} is unreadable: {exc}") from None
+        uri = manifest.get("uri", ".") if isinstance(manifest, dict) else None
+        found = manifest.get("shards") if isinstance(manifest, dict) else None
+        if not isinstance(uri, str) or not (found is None or isinstance(found, list) and all(isinstance(x, str) for x in found)):
+            raise shards.ShardError(f"pool manifest {where} is malformed: expected an object with a string 'uri' "
+                                    "and a list of shard names")
         uri = str(wio.join(pool_dir)) if uri == "." else uri
-        return cls(uri=uri, shards=manifest.get("shards") or shards.discover(uri), manifest=manifest,
-                   embed_uri=embed_uri)
+        return cls(uri=uri, shards=found or shards.discover(uri), manifest=manifest, embed_uri=embed_uri)
 
     @property
     def is_download(self) -> bool:
@@ -256,6 +265,10 @@ def _load_npz(p, shard: str, key: str | None = None, header_only: bool = False, 
                 read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                 return int(read(fh)[0][0])
         with np.load(p, allow_pickle=False) as z:
-            return list(z.files) if key is None else z[key].astype(np.float32)
+            if key is None:
+                return list(z.files)
+            v = z[key].astype(np.float32)
     except Exception as exc:   # zip/npy corruption surfaces as many types
         raise shards.ShardError(f"shard {shard}: cannot read {label or p}: {type(exc).__name__}: {exc}") from None
+    shards.check_embedding(v, shard, f"{label or p} '{key}'")
+    return v
