@@ -83,13 +83,13 @@ def pipeline(recipe: str | None = None, scale: str | None = None, dvc_yaml: str 
     ``dvc exp run -S`` does), so DVC re-runs exactly what they affect."""
     from winnow import track
     from winnow.config import load_params, set_params
-    from winnow.filters.engine import load_recipe
+    from winnow.filters.engine import params_recipe
 
     updates = {k: v for k, v in {"filter.recipe": recipe, "train.scale": scale}.items() if v}
     if updates:
         set_params("params.yaml", updates)
     params = load_params()   # a params typo fails here, before any stage
-    load_recipe(params.filter.recipe, params.filter.overrides, params.filter.targets)
+    params_recipe(params.filter)
     order = topological(load_dag(dvc_yaml))
     results = {}
     with track.pipeline_run(params, name="prefect-pipeline"):

@@ -4,7 +4,7 @@ import pandas as pd
 
 from winnow import io as wio
 from winnow.config import Params
-from winnow.filters.engine import load_recipe, run, truth_metrics
+from winnow.filters.engine import params_recipe, run, truth_metrics
 from winnow.io import read_json, write_json
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
@@ -15,7 +15,7 @@ OUT = "data/filter"
 
 
 def body(p: Params) -> dict:
-    recipe = load_recipe(p.filter.recipe, p.filter.overrides, p.filter.targets)   # validated before any data is read
+    recipe = params_recipe(p.filter)   # validated before any data is read
     pool = Pool.open("data/pool", embed_uri="data/embed")
     funnel = run(recipe, pool, OUT, executor=p.filter.executor, workers=p.filter.workers, address=p.filter.address,
                  work_dir=".winnow/work/filter", decide=p.filter.decide)   # per-shard verdicts: a killed filter resumes

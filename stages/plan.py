@@ -6,7 +6,7 @@ import pandas as pd
 
 from winnow import models
 from winnow.config import Params
-from winnow.filters.engine import load_recipe
+from winnow.filters.engine import params_recipe
 from winnow.io import write_json
 from winnow.plan import needs
 from winnow.pool.view import Pool
@@ -17,7 +17,7 @@ OUT = "data/plan/needs.json"
 
 
 def body(p: Params) -> dict:
-    recipe = load_recipe(p.filter.recipe, p.filter.overrides, p.filter.targets)
+    recipe = params_recipe(p.filter)
     name = models.embedding_name(p.scorer.model, p.scorer.pretrained, p.scorer.name)
     verdict, rows = needs(recipe, Pool.open("data/pool"), name)
     gate = Gate("plan")

@@ -77,3 +77,30 @@ def test_set_params_keeps_comments_and_validates(tmp_path):
     with pytest.raises(ParamsError, match="pool.shard_size"):
         set_params(p, {"pool.shard_size": -1})
     assert p.read_text() == before   # nothing written on error
+
+
+def test_recipe_bounds_must_be_ordered_and_fractions(tmp_path):
+    from winnow.config import ParamsError
+    from winnow.filters.engine import load_recipe
+
+    with pytest.raises(ParamsError, match="min_fraction 0.6 is above max_fraction 0.4"):
+        load_recipe({"name": "x", "bounds": {"min_fraction": 0.6, "max_fraction": 0.4}, "steps": []})
+    with pytest.raises(ParamsError, match="max_fraction"):
+        load_recipe({"name": "x", "bounds": {"max_fraction": 1.5}, "steps": []})
+
+
+def test_a_recipe_file_outside_configs_recipes_is_refused_for_a_run(tmp_path):
+    """DVC tracks configs/recipes (and inline recipes through params): a file elsewhere could change
+    without the filter re-running, so the pipeline refuses it and says how to fix it."""
+    import shutil
+
+    from winnow.config import CONFIGS, Filter, ParamsError
+    from winnow.filters.engine import params_recipe
+
+    outside = tmp_path / "mine.yaml"
+    shutil.copy(CONFIGS / "recipes" / "basic.yaml", outside)
+    with pytest.raises(ParamsError, match="outside configs/recipes/.*copy it into configs/recipes/"):
+        params_recipe(Filter(recipe=str(outside)))
+    assert params_recipe(Filter(recipe=str(CONFIGS / "recipes" / "basic.yaml"))).name == "basic"
+    assert params_recipe(Filter(recipe="basic")).name == "basic"
+    assert params_recipe(Filter(recipe={"name": "inline", "steps": [{"step": "image_size"}]})).name == "inline"

@@ -288,3 +288,17 @@ def test_boto_errors_from_publish_are_scrubbed(s3_server, tmp_path, monkeypatch)
         publish.publish_output(out, f"s3://{BUCKET}/pub11/out")
     assert SECRET_KEY not in str(e.value) and "AccessDenied" in str(e.value)
     assert SECRET_KEY not in track.scrub(leak)
+
+
+def test_an_experiment_publishes_under_its_own_prefix(tmp_path):
+    """After a sweep the workspace's published outputs are still those its dvc.lock names: each
+    `dvc exp run` point publishes under exps/<name>."""
+    from winnow.publish import storage_prefix
+
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    assert storage_prefix("s3://b/run", env={}) == "s3://b/run"
+    assert storage_prefix("s3://b/run/", env={"DVC_EXP_BASELINE_REV": "abc", "DVC_EXP_NAME": "basic-s0"}) == "s3://b/run/exps/basic-s0"
+    unnamed = storage_prefix("s3://b/run", env={"DVC_EXP_BASELINE_REV": "abc"}, params_yaml=tmp_path / "params.yaml")
+    hostile = storage_prefix("s3://b/run", env={"DVC_EXP_BASELINE_REV": "abc", "DVC_EXP_NAME": "../../x"},
+                             params_yaml=tmp_path / "params.yaml")
+    assert unnamed == hostile and unnamed.startswith("s3://b/run/exps/exp-") and ".." not in hostile

@@ -18,12 +18,12 @@ from winnow.io import read_json
 
 def _check() -> int:
     from winnow.config import ParamsError, load_params
-    from winnow.filters.engine import load_recipe
+    from winnow.filters.engine import params_recipe
     from winnow.tasks import load_suite
 
     try:
         p = load_params()
-        load_recipe(p.filter.recipe, p.filter.overrides, p.filter.targets)
+        params_recipe(p.filter)
         load_suite(p.eval.suite)
     except (ParamsError, ValueError) as exc:
         print(f"params.yaml: {exc}", file=sys.stderr)

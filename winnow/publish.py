@@ -529,6 +529,21 @@ def publish_output(local_path: str | Path, uri: str, inputs: list[str] | None = 
     return _publish_dir(local_path, uri, grace_s)
 
 
+def storage_prefix(storage_uri: str, env: dict | None = None, params_yaml: str | Path = "params.yaml") -> str:
+    """Where a run publishes: ``storage.uri`` itself for the workspace (``dvc repro``, ``winnow
+    run``), ``<storage.uri>/exps/<name>`` inside a ``dvc exp run`` (DVC sets DVC_EXP_BASELINE_REV,
+    and DVC_EXP_NAME when named; an unnamed one is named by its params). A sweep's experiments then
+    never overwrite the workspace's published outputs, which stay those its dvc.lock names."""
+    env = os.environ if env is None else env
+    if not env.get("DVC_EXP_BASELINE_REV"):
+        return storage_uri
+    name = env.get("DVC_EXP_NAME") or ""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):   # also keeps a hostile name inside the prefix
+        digest = hashlib.sha256(Path(params_yaml).read_bytes() if Path(params_yaml).exists() else b"").hexdigest()
+        name = f"exp-{digest[:12]}"
+    return f"{storage_uri.rstrip('/')}/exps/{name}"
+
+
 def publish_stage(stage: str, storage_uri: str, dvc_yaml: str | Path = "dvc.yaml",
                   inputs: list[str] | None = None) -> list[dict]:
     """Publish every output of ``stage`` under ``storage_uri`` (same relative paths). ``inputs``

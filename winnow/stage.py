@@ -39,10 +39,11 @@ def main(stage: str, sections: list[str], body: Callable[[Params], dict]) -> Non
         with track.stage_run(stage, params, sections):
             metrics = body(params) or {}
             if params.storage.uri:   # after the gate: only validated outputs are published
-                from winnow.publish import publish_stage
+                from winnow.publish import publish_stage, storage_prefix
 
-                published = publish_stage(stage, params.storage.uri)
-                print(f"winnow {stage}: published {sum(x['files'] for x in published)} files to {params.storage.uri}",
+                prefix = storage_prefix(params.storage.uri)   # an experiment publishes under exps/<name>
+                published = publish_stage(stage, prefix)
+                print(f"winnow {stage}: published {sum(x['files'] for x in published)} files to {track.scrub(prefix)}",
                       file=sys.stderr)
             metrics["wall_s"] = round(time.time() - t0, 2)
             track.log_metrics(metrics)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from winnow import io as wio
@@ -36,8 +36,15 @@ from winnow.pool.view import Pool
 
 class Bounds(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    min_fraction: float = Field(0.0, ge=0)
-    max_fraction: float = Field(1.0, ge=0)
+    min_fraction: float = Field(0.0, ge=0, le=1)
+    max_fraction: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_fraction > self.max_fraction:
+            raise ValueError(f"min_fraction {self.min_fraction} is above max_fraction {self.max_fraction}: "
+                             "no subset could pass the filter gate")
+        return self
 
 
 class Recipe(BaseModel):
@@ -65,6 +72,27 @@ def _labels(names: list[str]) -> list[str]:
 
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in (CONFIGS / "recipes").glob("*.yaml"))
+
+
+def check_tracked(name: str | dict) -> None:
+    """A recipe the pipeline runs must be one DVC tracks: a name in configs/recipes (the filter and
+    plan stages depend on that directory), or inline in params.yaml (DVC tracks ``filter``). A path
+    elsewhere would let the recipe change without DVC re-running anything, so it is refused."""
+    if isinstance(name, dict) or not name.endswith((".yaml", ".yml")):
+        return
+    path = Path(name).resolve()
+    tracked = {(CONFIGS / "recipes").resolve(), Path("configs/recipes").resolve()}   # the package's, the project's
+    if not tracked & set(path.parents):
+        raise ParamsError(f"filter.recipe {name} lies outside configs/recipes/, so DVC would not re-run the filter "
+                          f"when it changes: copy it into configs/recipes/ (then name it: filter.recipe: {Path(name).stem}) "
+                          "or write it inline in params.yaml")
+
+
+def params_recipe(f) -> Recipe:
+    """The recipe params.yaml's ``filter`` section names, with its overrides and targets files —
+    the one a pipeline runs, so it must be tracked by DVC (check_tracked)."""
+    check_tracked(f.recipe)
+    return load_recipe(f.recipe, f.overrides, f.targets)
 
 
 def load_recipe(name: str | dict, overrides: dict | None = None, targets: dict | None = None) -> Recipe:
