@@ -170,3 +170,26 @@ def test_pixel_steps_see_only_downloaded_samples(datacomp_pool, tmp_path):
         no_image = ~d.uid.isin(dc["downloaded"])
         assert d.loc[no_image, "keep:clip_score"].isna().all()            # never decided without an image
         assert f["download"]["kept_without_image"] == 0
+
+
+def test_the_same_download_on_s3_gives_the_same_subset(datacomp_pool, s3_server, tmp_path):
+    """pool.uri may be the download's --data_dir on S3 (a real server on loopback): the join, the
+    rules on the metadata and the reshard of the downloaded part are the same as on local disk."""
+    from tests.s3server import BUCKET
+    from winnow import s3
+    from winnow.reshard import reshard
+
+    dc = datacomp_pool
+    uri = f"s3://{BUCKET}/datacomp/pool"
+    for p in sorted(dc["root"].rglob("*")):
+        if p.is_file() and p.parent.name in ("metadata", "shards"):
+            s3.upload(p, f"{uri}/{p.relative_to(dc['root']).as_posix()}")
+    remote = _open(dc, tmp_path / "s3", uri=uri)
+    here = _open(dc, tmp_path / "local")
+    assert remote.manifest["images"] == here.manifest["images"] and remote.manifest["download"] == here.manifest["download"]
+    for where, pool in (("s3", remote), ("local", here)):
+        run(load_recipe("clip_l14_top30"), pool, str(tmp_path / where / "out"))
+        reshard(pool, U.load(tmp_path / where / "out" / "uids.npy"), str(tmp_path / where / "subset"), shard_size=40)
+    assert (tmp_path / "s3/out/uids.npy").read_bytes() == (tmp_path / "local/out/uids.npy").read_bytes()
+    for name in ("meta.json", "00000000.tar"):
+        assert (tmp_path / "s3/subset" / name).read_bytes() == (tmp_path / "local/subset" / name).read_bytes()
