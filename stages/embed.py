@@ -63,7 +63,7 @@ def body(p: Params) -> dict:
                 except OSError:
                     shutil.copy2(f, tmp / f.name)
         targets = embed_targets(load_suite(p.eval.suite), str(cache_local(p.eval.data_root)), model, pre, tok, str(tmp),
-                                batch_size=p.embed.batch_size) if plan["targets"] else {}
+                                batch_size=p.embed.batch_size, workers=p.embed.workers) if plan["targets"] else {}
         frames = []
         for s in (pool.shards if encode else []):
             df = pd.read_parquet(tmp / f"{s}.parquet")

@@ -166,3 +166,26 @@ def test_tensor_decode_matches_pil_and_quarantines_the_same(demo_pool, tmp_path)
         cos = np.einsum("nd,nd->n", za[k][ok], zb[k][ok])
         assert cos.min() > 0.97, (k, cos.min())
     np.testing.assert_array_equal(za["scorer_txt"], zb["scorer_txt"])
+
+
+def test_alignment_targets_stream_from_train_splits_and_class_prompts(tmp_path):
+    """Targets: task train images (streamed in batches, never all held) and class-name prompts; a
+    real DataComp evaluation root has test splits only, so its targets are the class prompts."""
+    from tests.fixtures.evalsets import write_evalsets
+    from winnow import models
+    from winnow.embed import embed_targets
+    from winnow.tasks import generate_task, load_suite
+
+    model, pre, tok = models.load("winnow-tiny", None)
+    demo = load_suite("demo")
+    for task in demo.tasks:
+        generate_task(task, str(tmp_path / "tasks"), 0, n_test=4, n_train=10)
+    counts = embed_targets(demo, str(tmp_path / "tasks"), model, pre, tok, str(tmp_path / "a"), batch_size=4)
+    z = np.load(tmp_path / "a" / "targets.npz")
+    assert counts["shapes"] == {"img": 10, "txt": 48} and z["img:shapes"].shape[0] == 10
+    assert counts["retrieval"] == {"img": 10, "txt": 20}          # 2 captions per train image
+    assert np.allclose(np.linalg.norm(z["img:counting"].astype(np.float32), axis=1), 1, atol=1e-2)
+    write_evalsets(tmp_path / "dc", hf=False)
+    counts = embed_targets(load_suite("datacomp38"), str(tmp_path / "dc"), model, pre, tok, str(tmp_path / "b"))
+    names = (tmp_path / "dc" / "wds_cifar10_test" / "classnames.txt").read_text().split()
+    assert counts["cifar10"] == {"txt": len(names)} and counts["imagenet1k"] == {}

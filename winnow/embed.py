@@ -28,7 +28,7 @@ import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
-from winnow.io import atomic_file, write_json
+from winnow.io import atomic_file, local, write_json
 from winnow.pool import shards
 from winnow.pool.view import Pool
 
@@ -276,31 +276,37 @@ def embed_pool(pool: Pool, model_spec: dict, out: str | Path, name: str = "score
     return [done[s] for s in pool.shards]
 
 
-def embed_targets(suite, data_root: str, model, preprocess, tokenizer, out: str, batch_size: int = 256) -> dict:
+def embed_targets(suite, data_root: str, model, preprocess, tokenizer, out: str, batch_size: int = 256,
+                  workers: int = 0) -> dict:
     """Embeddings of downstream-task data usable for distribution alignment (DataComp allows task
     *training* data, class names and templates, never test images): ``img:<task>`` for each task's
     train split images, ``txt:<task>`` for class names x templates (mean per class) or the train
-    split's captions. Written to ``<out>/targets.npz``."""
-    from winnow.evaluate import MissingTask, _image, _samples, read_zeroshot_text
-    from winnow.io import local
+    split's captions. Written to ``<out>/targets.npz``. The train split streams in batches
+    (``winnow.tasks.iter_split``, decoded in ``workers`` DataLoader processes through the member
+    allowlist): only embeddings are held, never the images, whatever the split's size."""
+    from winnow.tasks import MissingTask, iter_split, read_zeroshot_text, task_data
 
     arrays, counts = {}, {}
     for task in suite.tasks:
-        task_dir = local(data_root) / task.key
-        try:
-            items = list(_samples(task_dir, "train")) if task.type != "association" else []
-        except MissingTask:
-            items = []
-        if items:
-            imgs = [_image(s) for s in items]
-            arrays[f"img:{task.key}"] = _encode(model, model.encode_image, (
-                torch.stack([preprocess(im) for im in imgs[i: i + batch_size]]) for i in range(0, len(imgs), batch_size)))
+        img_parts, captions = [], []
+        if task.type != "association":
+            try:
+                for b in iter_split(task, data_root, "train", transform=preprocess, batch_size=batch_size,
+                                    workers=workers, layout=suite.layout, kind="images"):
+                    if b.keys:
+                        img_parts.append(_encode(model, model.encode_image, [b.images]))
+                    captions += [c for caps in (b.captions or []) for c in (caps or []) if c]
+            except MissingTask:
+                pass    # no train split (DataComp's evaluation sets are test-only): class prompts only
+        if img_parts:
+            arrays[f"img:{task.key}"] = np.concatenate(img_parts)
         prompts: list[list[str]] = []
-        if (task_dir / "classnames.txt").exists():
-            names, templates = read_zeroshot_text(task_dir)
+        data = task_data(task, data_root, suite.layout)
+        if data.kind == "wds" and (data.path / "classnames.txt").exists():
+            names, templates = read_zeroshot_text(data.path)
             prompts = [[t.format(c=c) for t in templates] for c in names]
-        elif items:
-            prompts = [[c] for s in items if "txt" in s for c in s["txt"].split("\n") if c]
+        elif captions:
+            prompts = [[c] for c in captions]
         if prompts:
             flat = [p for group in prompts for p in group]
             e = _encode(model, model.encode_text, (tokenizer(flat[i: i + batch_size]) for i in range(0, len(flat), batch_size)))
