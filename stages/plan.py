@@ -14,6 +14,7 @@ from winnow.stage import main
 from winnow.validate import Gate, expect
 
 OUT = "data/plan/needs.json"
+SCORER = "data/plan/scorer.json"
 
 
 def body(p: Params) -> dict:
@@ -26,6 +27,9 @@ def body(p: Params) -> dict:
             expect().ExpectColumnValuesToBeInSet(column="from", value_set=["pool", "embed"])], id_column="input")
     gate.finish()
     write_json(OUT, verdict)
+    # the scorer's own input: whether one is needed at all (which encodings is the embed stage's
+    # business), so a recipe that changes only the encodings never re-runs the scorer
+    write_json(SCORER, {"scorer": verdict["scorer"]})
     return {"scorer_needed": int(verdict["scorer"]), "encodings": len(verdict["encode"])}
 
 

@@ -21,12 +21,12 @@ def body(p: Params) -> dict:
     gate = Gate("scorer")
     E = expect()
     metrics = {}
-    plan = read_json("data/plan/needs.json")
+    plan = read_json("data/plan/scorer.json")
     with atomic_dir(OUT) as tmp:
         name = models.embedding_name(s.model, s.pretrained, s.name)
         if not plan["scorer"]:   # the recipe reads only the pool's metadata and embeddings: no model at all
             write_json(tmp / "scorer.json", {"model": None, "weights": None, "name": None,
-                                             "skipped": "the recipe needs no scorer (data/plan/needs.json)"})
+                                             "skipped": "the recipe needs no scorer (data/plan/scorer.json)"})
             write_json(tmp / "quality.json", {})
             gate.finish()
             return {"needed": 0}

@@ -90,6 +90,7 @@ def test_filter_change_reruns_only_downstream(project):
     assert ran(proc) == ["plan", "scorer", "embed", "filter", "reshard", "train", "evaluate", "report"]
     assert json.loads((project / "data/plan/needs.json").read_text()) == {
         "scorer": False, "encode": [], "targets": False, "name": None}
+    assert json.loads((project / "data/plan/scorer.json").read_text()) == {"scorer": False}
     assert json.loads((project / "models/scorer/scorer.json").read_text())["model"] is None   # nothing trained
     assert json.loads((project / "data/embed/meta.json").read_text())["keys"] == []
     funnel = json.loads((project / "reports/filter/funnel.json").read_text())
@@ -138,10 +139,11 @@ def test_every_named_recipe_runs_through_dvc(project):
     for name in recipe_names():
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["filter"]["recipe"] = name
+        params["filter"]["targets"] = {}
         for task in load_recipe(name).targets:   # a targets file (DataComp's ImageNet-1k L/14 features on a real pool)
             rng = np.random.default_rng(0)
             np.save(project / f"targets-{task}.npy", rng.standard_normal((64, 768)).astype(np.float32))
-            params["filter"].setdefault("targets", {})[task] = f"targets-{task}.npy"
+            params["filter"]["targets"][task] = f"targets-{task}.npy"
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         proc = dvc(project, "repro", "filter")
         assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-3000:])
