@@ -535,9 +535,10 @@ WORKERS_MIN_BYTES = 16 << 20   # a smaller split is decoded in the caller's proc
 
 def worker_context():
     """DataLoader workers are spawned, not forked: a worker must not inherit the stage's threads
-    and handles (MLflow, Prefect). (A fork server preloading torch starts workers faster but keeps a
-    third copy of torch's pages resident: measured in bench/eval_rss.py, it put a 1-worker
-    evaluation over 2 GB of summed RSS; spawn stays under.)"""
+    and handles (MLflow, Prefect). A fork server preloading torch starts workers in under a second
+    instead of ~10 s, but keeps one more process with torch's pages resident: +~400 MB of summed RSS
+    for a 1-worker evaluation (bench/eval_rss.py), which matters more than seconds per task at real
+    size; small splits skip workers altogether (WORKERS_MIN_BYTES)."""
     import multiprocessing as mp
 
     return mp.get_context("spawn")
