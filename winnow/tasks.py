@@ -379,6 +379,11 @@ class _Accumulator:
         imgs = self.images
         if self.transform is not None and imgs:
             imgs = torch.stack(imgs)
+            if torch.utils.data.get_worker_info() is not None:
+                # leave a worker as a plain array (pickled through the pipe): a tensor would travel as a
+                # shared-memory segment, and receiving one per batch grew the main process's RSS by
+                # ~500 MB over 50,000 images (bench/eval_rss.py); an array keeps it flat
+                imgs = imgs.numpy()
         b = Batch(keys=self.keys, images=imgs, quarantined=self.quarantined, skipped_members=self.skipped)
         if self.kind == "association":
             b.cues, b.sizes, b.truths = self.cues, self.sizes, self.truths
@@ -568,6 +573,8 @@ def iter_split(task: Task, data_root: str | os.PathLike, split: str = "test", tr
     for b in batches:
         if b.error:
             raise MissingTask(b.error)
+        if isinstance(b.images, np.ndarray):
+            b.images = torch.from_numpy(b.images)
         yield b
 
 
