@@ -55,7 +55,7 @@ class Eval(Section):
     test_samples: int = Field(400, ge=1)   # per demo task
     train_samples: int = Field(400, ge=0)  # per demo task train split
     batch_size: int = Field(128, ge=1)
-    workers: int = Field(0, ge=0)          # DataLoader processes decoding evaluation images (0: in the stage's process)
+    workers: int = Field(1, ge=0)          # DataLoader processes decoding evaluation images (0: in the stage's process)
     device: str = "auto"                   # auto: cuda when available (bf16 autocast), else cpu (fp32); or cpu, cuda, cuda:N
     allow_partial: bool = False            # false: a missing evaluation set fails the tasks/evaluate gates; true: listed
     max_quarantined: float = Field(0.01, ge=0, le=1)   # gate: share of a task's images that may be corrupt/bombs
