@@ -142,13 +142,10 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
 
 def downloaded_mask(uids: np.ndarray, shards_uri: str, image_shard_list: list[str]) -> np.ndarray:
     """For one metadata file's uids: True where img2dataset recorded a successful download."""
-    ok = np.zeros(len(uids), bool)
+    import pyarrow.compute as pc
+
     if not image_shard_list or not len(uids):
-        return ok
-    row = {u: i for i, u in enumerate(uids)}
-    for shard in image_shard_list:
-        rec = read_records(shards_uri, shard)
-        for u, s in zip(rec["uid"].to_pylist(), rec["status"].to_pylist()):
-            if s == SUCCESS and (i := row.get(u)) is not None:
-                ok[i] = True
-    return ok
+        return np.zeros(len(uids), bool)
+    records = pa.concat_tables([read_records(shards_uri, s) for s in image_shard_list])
+    ok = records.filter(pc.equal(records["status"], SUCCESS))["uid"]
+    return pc.is_in(pa.array(uids, pa.string()), value_set=ok.combine_chunks()).to_numpy(zero_copy_only=False)
