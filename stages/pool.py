@@ -21,8 +21,7 @@ def _absolute(uri: str | None) -> str | None:
 def external_manifest(p) -> dict:
     """The manifest of an existing pool: its layout, shards and (download layout) the image join."""
     if p.metadata_uri or p.shards_uri or datacomp.is_download_dir(p.uri):
-        meta_uri, img_uri = datacomp.locate(p.uri, _absolute(p.metadata_uri), _absolute(p.shards_uri))
-        meta_uri, img_uri = _absolute(meta_uri), _absolute(img_uri)
+        meta_uri, img_uri = map(_absolute, datacomp.locate(p.uri, p.metadata_uri, p.shards_uri))
         stems = datacomp.metadata_files(meta_uri)
         joined = datacomp.join(meta_uri, stems, img_uri)
         return {"source": "datacomp", "layout": "download", "uri": meta_uri, "shards": stems,
