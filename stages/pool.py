@@ -28,6 +28,11 @@ def external_manifest(p) -> dict:
                 "num_shards": len(stems), "images_uri": img_uri, "image_shards": joined["image_shards"],
                 "images": joined["by_file"], "download": joined["counts"]}
     found = shards.discover(p.uri)
+    if "status" in shards.read_meta(p.uri, found[0]).column_names:   # img2dataset's records, not metadata
+        raise shards.ShardError(
+            f"{p.uri} holds img2dataset's shards (record parquets with 'status'), not the pool's metadata: set "
+            "pool.uri to the download's --data_dir (the folder with metadata/ and shards/), or pool.metadata_uri "
+            "and pool.shards_uri")
     return {"source": "datacomp", "layout": "shards", "uri": _absolute(p.uri), "shards": found,
             "num_shards": len(found)}
 

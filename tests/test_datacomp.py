@@ -193,3 +193,11 @@ def test_the_same_download_on_s3_gives_the_same_subset(datacomp_pool, s3_server,
     assert (tmp_path / "s3/out/uids.npy").read_bytes() == (tmp_path / "local/out/uids.npy").read_bytes()
     for name in ("meta.json", "00000000.tar"):
         assert (tmp_path / "s3/subset" / name).read_bytes() == (tmp_path / "local/subset" / name).read_bytes()
+
+
+def test_pointing_pool_uri_at_the_shards_folder_says_what_to_set(datacomp_pool, tmp_path):
+    from stages.pool import external_manifest
+    from winnow.pool.shards import ShardError
+
+    with pytest.raises(ShardError, match="img2dataset's shards.*--data_dir"):
+        external_manifest(PoolCfg(source="datacomp", uri=str(datacomp_pool["shards_dir"])))
