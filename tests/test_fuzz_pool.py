@@ -349,9 +349,9 @@ class CaseTimeout(Exception):
 
 
 def _named() -> tuple[type[BaseException], ...]:
-    from winnow.stage import _known
+    from winnow.errors import WinnowError
 
-    return _known()
+    return (WinnowError,)
 
 
 def _outcome(fn) -> str:

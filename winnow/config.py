@@ -12,11 +12,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from winnow.errors import WinnowError
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
-class ParamsError(ValueError):
+class ParamsError(WinnowError, ValueError):
     """params.yaml (or a recipe) does not validate; the message names every bad key."""
 
 

@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from winnow.errors import WinnowError
+
 MAX_PIXELS = 8192 * 8192                 # the largest image decoded (declared width x height)
 MAX_MEMBER_BYTES = 64 * 2**20            # the largest tar member read into memory
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # PIL formats decoded; never EPS (Ghostscript) or the like
@@ -26,7 +28,7 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 ALLOWED_SUFFIXES = frozenset(IMAGE_SUFFIXES + ("txt", "json", "cls"))   # webdataset members winnow reads
 
 
-class ImageError(ValueError):
+class ImageError(WinnowError, ValueError):
     """An image that is refused before or while decoding (corrupt, unsupported, too large)."""
 
 

@@ -27,11 +27,13 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from winnow.errors import WinnowError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class UnsafePath(ValueError):
+class UnsafePath(WinnowError, ValueError):
     """A name from outside (an S3 key, a manifest entry, a tar member) that would resolve outside
     its destination directory, or is not a plain relative path."""
 

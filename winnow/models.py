@@ -8,10 +8,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from winnow.errors import WinnowError
 from winnow.config import CONFIGS
 
 
-class ModelError(RuntimeError):
+class ModelError(WinnowError, RuntimeError):
     pass
 
 

@@ -19,10 +19,11 @@ import time
 import uuid
 from pathlib import Path
 
+from winnow.errors import WinnowError
 from winnow.io import UnsafePath
 
 
-class S3Error(RuntimeError):
+class S3Error(WinnowError, RuntimeError):
     pass
 
 

@@ -6,24 +6,9 @@ import sys
 import time
 from typing import Callable
 
-from winnow.config import Params, ParamsError, load_params
+from winnow.config import Params, load_params
+from winnow.errors import WinnowError
 from winnow.io import write_json
-
-KNOWN_ERRORS: tuple[type[BaseException], ...] = (ParamsError,)
-
-
-def _known() -> tuple[type[BaseException], ...]:
-    from winnow.evaluate import MissingTask
-    from winnow.models import ModelError
-    from winnow.pool.shards import ShardError
-    from winnow.pool.uids import UidError
-    from winnow.train import TrainError
-    from winnow.validate import GateError
-
-    from winnow.s3 import S3Error
-
-    return KNOWN_ERRORS + (GateError, ShardError, UidError, ModelError, TrainError, MissingTask, S3Error)
-
 
 def main(stage: str, sections: list[str], body: Callable[[Params], dict]) -> None:
     """Run ``body(params)`` as stage ``stage``; it returns metrics (nested dicts are flattened)."""
@@ -48,7 +33,7 @@ def main(stage: str, sections: list[str], body: Callable[[Params], dict]) -> Non
             metrics["wall_s"] = round(time.time() - t0, 2)
             track.log_metrics(metrics)
             write_json(f"reports/timings/{stage}.json", {"stage": stage, "wall_s": metrics["wall_s"]})
-    except _known() as exc:
+    except WinnowError as exc:
         print(f"\nwinnow {stage}: FAILED — {type(exc).__name__}\n{track.scrub(str(exc))}\n", file=sys.stderr)
         sys.exit(1)
     print(f"winnow {stage}: done in {time.time() - t0:.1f}s", file=sys.stderr)

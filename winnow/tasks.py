@@ -48,11 +48,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
+from winnow.errors import WinnowError
 from winnow.config import CONFIGS, load_yaml, validate_model
 from winnow.io import atomic_dir, atomic_file, local, write_json
 
 
-class MissingTask(FileNotFoundError):
+class MissingTask(WinnowError, FileNotFoundError):
     """A task's data is absent or unusable: the task is reported missing, never scored zero."""
 
 

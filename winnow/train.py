@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from winnow.errors import WinnowError
 from winnow.io import atomic_file, keyed_work_dir, read_json, release_work_dir, write_json
 from winnow.models import register_configs
 
@@ -33,7 +34,7 @@ _LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?([\d.]+)/s, .*?LR: ([
                    r"Contrastive_loss: ([\d.eE+-]+|nan|inf)")
 
 
-class TrainError(RuntimeError):
+class TrainError(WinnowError, RuntimeError):
     pass
 
 

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from winnow.errors import WinnowError
 from winnow.io import write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
-class GateError(RuntimeError):
+class GateError(WinnowError, RuntimeError):
     pass
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from winnow.errors import WinnowError
 from winnow import io as wio
 from winnow.io import atomic_file, read_json, write_json
 
@@ -34,7 +35,7 @@ _STEM = re.compile(r"^\d{8}$")
 FIXED_MTIME = 1_700_000_000.0   # reproducible tar bytes
 
 
-class ShardError(ValueError):
+class ShardError(WinnowError, ValueError):
     """A shard is missing, unreadable or inconsistent; the message names the shard."""
 
 

@@ -9,11 +9,13 @@ import re
 
 import numpy as np
 
+from winnow.errors import WinnowError
+
 UID_DTYPE = np.dtype("u8,u8")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
-class UidError(ValueError):
+class UidError(WinnowError, ValueError):
     pass
 
 
