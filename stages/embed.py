@@ -107,4 +107,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("embed", ["embed", "eval.suite", "eval.data_root", "pool.min_downloaded"], body)
+    main("embed", body)

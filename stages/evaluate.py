@@ -59,4 +59,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("evaluate", ["eval"], body)
+    main("evaluate", body)

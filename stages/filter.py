@@ -50,4 +50,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("filter", ["filter"], body)
+    main("filter", body)

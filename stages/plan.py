@@ -34,4 +34,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("plan", ["filter", "scorer"], body)
+    main("plan", body)

@@ -58,4 +58,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("pool", ["seed", "pool"], body)
+    main("pool", body)

@@ -47,4 +47,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("report", [], body)
+    main("report", body)

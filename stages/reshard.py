@@ -33,4 +33,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("reshard", ["pool.shard_size", "pool.min_downloaded"], body)
+    main("reshard", body)

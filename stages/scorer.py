@@ -63,4 +63,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("scorer", ["seed", "scorer"], body)
+    main("scorer", body)

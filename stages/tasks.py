@@ -93,4 +93,4 @@ def body(p: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main("tasks", ["seed", "eval"], body)
+    main("tasks", body)

@@ -7,15 +7,18 @@ import time
 from typing import Callable
 
 from winnow.config import Params, load_params
+from winnow.dvcfile import params_keys
 from winnow.errors import WinnowError
 from winnow.io import write_json
 
-def main(stage: str, sections: list[str], body: Callable[[Params], dict]) -> None:
-    """Run ``body(params)`` as stage ``stage``; it returns metrics (nested dicts are flattened)."""
+def main(stage: str, body: Callable[[Params], dict]) -> None:
+    """Run ``body(params)`` as stage ``stage``; it returns metrics (nested dicts are flattened).
+    The params sections logged to MLflow are the stage's dvc.yaml ``params:``, declared there only."""
     from winnow import track
 
     t0 = time.time()
     try:
+        sections = params_keys(stage)
         params = load_params()
         if params.storage.endpoint_url:
             from winnow import s3

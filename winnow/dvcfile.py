@@ -1,0 +1,96 @@
+"""The one reader of dvc.yaml: stages, their params keys, deps, declared outputs, and the DAG order.
+
+dvc.yaml is the single declaration of each stage; stage.main, publish, the Prefect flow and
+``winnow publish`` all read it through here.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+import yaml
+
+from winnow.errors import WinnowError
+
+
+class DvcYamlError(WinnowError, ValueError):
+    """dvc.yaml is missing a stage or its DAG has a cycle."""
+
+
+def stages(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, dict]:
+    """``{name: spec}`` in dvc.yaml order."""
+    p = Path(dvc_yaml).resolve()
+    return _load(str(p), p.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _load(path: str, _mtime: int) -> dict[str, dict]:   # mtime in the key: an edited dvc.yaml is re-read
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))["stages"]
+
+
+def stage(name: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:
+    try:
+        return stages(dvc_yaml)[name]
+    except KeyError:
+        raise DvcYamlError(f"{dvc_yaml} has no stage {name!r}") from None
+
+
+def params_keys(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The stage's ``params:`` list as dotted keys (``eval`` or ``pool.shard_size``)."""
+    keys = []
+    for p in stage(name, dvc_yaml).get("params", []) or []:
+        # DVC also allows ``{other.yaml: [keys]}``; winnow uses params.yaml only, so take the keys
+        keys.extend(k for v in p.values() for k in v) if isinstance(p, dict) else keys.append(p)
+    return keys
+
+
+def deps(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    return list(stage(name, dvc_yaml).get("deps", []) or [])
+
+
+def declared_outputs(spec: dict) -> list[str]:
+    """The paths a stage spec declares as outs, metrics and plots, their options (persist, x/y) stripped."""
+    paths = []
+    for kind in ("outs", "metrics", "plots"):
+        for o in spec.get(kind, []) or []:
+            paths.append(next(iter(o)) if isinstance(o, dict) else o)
+    return paths
+
+
+def outputs(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    return declared_outputs(stage(name, dvc_yaml))
+
+
+def _under(dep: str, out: str) -> bool:
+    # a dep inside an out (data/plan/needs.json in data/plan) or an out inside a dep directory
+    return dep == out or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/")
+
+
+def dag(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[str]]:
+    """``{stage: [upstream stages]}`` in dvc.yaml order: a stage depends on every stage that outputs one of its deps."""
+    specs = stages(dvc_yaml)
+    outs = {name: declared_outputs(spec) for name, spec in specs.items()}
+    return {name: [up for up in specs if up != name
+                   and any(_under(d, o) for d in spec.get("deps", []) or [] for o in outs[up])]
+            for name, spec in specs.items()}
+
+
+def order(graph: dict[str, list[str]]) -> list[str]:
+    """A topological order of ``graph``; among stages ready together, the graph's (dvc.yaml's) order."""
+    ts = TopologicalSorter(graph)
+    try:
+        ts.prepare()
+    except CycleError as exc:
+        raise DvcYamlError(f"dvc.yaml has a cycle: {' -> '.join(exc.args[1])}") from None
+    rank = {n: i for i, n in enumerate(graph)}
+    ready: set[str] = set()
+    result = []
+    while ts.is_active():
+        # one ready stage at a time, the earliest in dvc.yaml, so the order is stable
+        ready.update(ts.get_ready())
+        n = min(ready, key=rank.__getitem__)
+        ready.remove(n)
+        result.append(n)
+        ts.done(n)
+    return result
