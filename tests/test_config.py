@@ -65,15 +65,24 @@ def test_set_params_keeps_comments_and_validates(tmp_path):
     from winnow.config import ROOT, set_params
 
     p = tmp_path / "params.yaml"
-    p.write_text((ROOT / "params.yaml").read_text())
+    original = (ROOT / "params.yaml").read_text()
+    p.write_text(original)
+    set_params(p, {"filter.recipe": load_params(p).filter.recipe})
+    assert p.read_text() == original   # setting a value to what it is rewrites nothing (nulls stay `null`)
     set_params(p, {"filter.recipe": "basic", "train.scale": "micro", "pool.noise.mismatched": 0.2})
     text = p.read_text()
-    assert "recipe: basic   # configs/recipes/<recipe>.yaml" in text
+    # only the three lines change, each keeping its comment at the same column
+    changed = [(a, b) for a, b in zip(original.splitlines(), text.splitlines()) if a != b]
+    assert len(text.splitlines()) == len(original.splitlines())
+    assert [b.split("#")[0].strip() for _, b in changed] == ["mismatched: 0.2", "recipe: basic", "scale: micro"]
+    assert all(a.index("#") == b.index("#") and a.split("#", 1)[1] == b.split("#", 1)[1] for a, b in changed)
     params = load_params(p)
     assert (params.filter.recipe, params.train.scale, params.pool.noise.mismatched) == ("basic", "micro", 0.2)
     before = p.read_text()
     with pytest.raises(ParamsError, match="'recpe' not found"):
         set_params(p, {"filter.recpe": "x"})
+    with pytest.raises(ParamsError, match="'x' not found"):   # below a scalar
+        set_params(p, {"seed.x": 1})
     with pytest.raises(ParamsError, match="pool.shard_size"):
         set_params(p, {"pool.shard_size": -1})
     assert p.read_text() == before   # nothing written on error

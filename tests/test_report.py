@@ -33,3 +33,19 @@ def test_report_from_stage_outputs(demo_pool, tmp_path):
     assert "## Funnel" in md and "| language |" in md
     plots = report.dvc_plot_data(rd)
     assert list(plots["funnel"].step) == ["pool", "image_size", "caption_length", "language"]
+
+
+def test_untrusted_text_is_escaped_in_the_html():
+    """Recipe and step names, params and captions come from files a user writes: they show as text."""
+    evil = "<script>alert(1)</script>"
+    funnel = {"recipe": evil, "pool_size": 10, "kept_unique": 5, "kept_fraction": 0.5, "subset_size": 5,
+              "steps": [{"step": evil, "params": {"name": evil, "lang": evil}, "state": {},
+                         "kept_after": 5, "dropped_here": 5, "dropped_standalone": 5}]}
+    run = report.RunData(funnel=funnel, summary={"tasks": {evil: 0.5}, "groups": {}, "average": 0.5},
+                         quality={}, timings={})
+    page = report.build_html(run, [("funnel", f'x"><img src=y onerror=alert(2)>{evil}', b"\x89PNG")])
+    assert "alert(1)</script>" not in page and "<img src=y" not in page
+    # recipe, step, params, task, and the caption as alt text and figcaption
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 6
+    assert 'alt="x&#34;&gt;&lt;img src=y onerror=alert(2)&gt;' in page
+    assert page.count("<script>") == 1   # the page's own image check

@@ -177,31 +177,27 @@ def load_scale(name: str) -> dict:
 def set_params(path: str | Path, updates: dict[str, object]) -> None:
     """Set dotted scalar keys in params.yaml in place, keeping its comments (what `dvc exp run -S`
     does to the workspace); the result is validated and written atomically."""
-    import re
+    import io
+
+    from ruamel.yaml import YAML
 
     from winnow.io import atomic_file
 
-    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    rt = YAML()   # round-trip: comments, key order and quoting stay as written
+    rt.width = 4096   # never fold a long value onto a second line
+    # params.yaml spells None `null`; ruamel's default would leave the value empty
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = rt.load(Path(path).read_text(encoding="utf-8"))
     for dotted, value in updates.items():
-        parts, start, indent = dotted.split("."), 0, ""
-        for depth, key in enumerate(parts):
-            pat = re.compile(rf"^{indent}{re.escape(key)}:(\s*)(.*?)(\s+#.*)?$")
-            found = None
-            for i in range(start, len(lines)):
-                line = lines[i].rstrip("\n")
-                if depth and line.strip() and not line.startswith(indent):
-                    break   # left the enclosing block
-                m = pat.match(line)
-                if m:
-                    found = i
-                    break
-            if found is None:
+        node = data
+        for key in dotted.split("."):
+            if not isinstance(node, dict) or key not in node:
                 raise ParamsError(f"cannot set '{dotted}': key '{key}' not found in {path}")
-            if depth == len(parts) - 1:
-                rendered = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-                lines[found] = f"{indent}{key}: {rendered}{m.group(3) or ''}\n"
-            start, indent = found + 1, indent + "  "
-    text = "".join(lines)
+            parent, node = node, node[key]
+        parent[key] = value
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    text = buf.getvalue()
     validate_model(Params, yaml.safe_load(text), f"{path} with {updates}")
     with atomic_file(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")

@@ -9,13 +9,13 @@ against the demo's truth; scorer quality; per-task and per-group evaluation; ear
 from __future__ import annotations
 
 import base64
-import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
 
 from winnow import io as wio
 from winnow import plots
@@ -51,18 +51,23 @@ def collect(reports: str = "reports", scorer_dir: str = "models/scorer", filter_
         truth=pd.read_parquet(wio.source(truth)) if truth else None, earlier=earlier or [])
 
 
-def _table(header: list[str], rows: list[list], markdown: bool) -> str:
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows])
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list]
 
 
-def _sections(run: RunData, markdown: bool) -> list[tuple[str, str]]:
-    """(title, body) pairs shared by the markdown and HTML reports."""
+def _cell(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def _markdown_table(t: Table) -> str:
+    lines = ["| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+    return "\n".join(lines + ["| " + " | ".join(_cell(v) for v in r) + " |" for r in t.rows])
+
+
+def _sections(run: RunData, markdown: bool) -> list[tuple[str, list[str | Table]]]:
+    """(title, blocks) pairs shared by the markdown and HTML reports; a block is a paragraph or a table."""
     f, s, out = run.funnel, run.summary, []
     if f:
         rows = [[st["step"], json.dumps({k: v for k, v in st["params"].items() if k != "name"} | st["state"]),
@@ -74,45 +79,46 @@ def _sections(run: RunData, markdown: bool) -> list[tuple[str, str]]:
                       f"{dl['kept_without_image']} kept samples have none, so reshard cannot write them.")
         if f.get("quarantined_shards"):
             intro += f" Quarantined shards: {', '.join(q['shard'] for q in f['quarantined_shards'])}."
-        out.append(("Funnel", intro + "\n\n" + _table(["step", "params", "kept after", "dropped here", "dropped standalone"], rows, markdown)))
+        out.append(("Funnel", [intro, Table(["step", "params", "kept after", "dropped here", "dropped standalone"], rows)]))
     truth = f.get("truth")
     if truth:
         kinds = sorted(next(iter(truth.values())).keys())
         rows = [[lab] + [f"{v[k]['recall']:.2f} / {v[k]['precision']:.2f}" for k in kinds] for lab, v in truth.items()]
-        out.append(("What each step removed, against the demo's ground truth",
-                    "Recall: share of each noise kind the step drops on its own (for clean: collateral loss). "
-                    "Precision: share of the step's drops that are of that kind.\n\n"
-                    + _table(["step"] + [f"{k} R / P" for k in kinds], rows, markdown)))
+        out.append(("What each step removed, against the demo's ground truth", [
+            "Recall: share of each noise kind the step drops on its own (for clean: collateral loss). "
+            "Precision: share of the step's drops that are of that kind.",
+            Table(["step"] + [f"{k} R / P" for k in kinds], rows)]))
     if run.quality:
-        out.append(("Scoring CLIP (held-out demo pairs)", _table(["measure", "value"], [[k, v] for k, v in run.quality.items()], markdown)))
+        out.append(("Scoring CLIP (held-out demo pairs)", [Table(["measure", "value"], [[k, v] for k, v in run.quality.items()])]))
     if s:
         rows = [[k, v] for k, v in s.get("tasks", {}).items()] + [[f"group: {g}", v] for g, v in s.get("groups", {}).items()]
         label = s.get("average_label", "average")   # DataComp's average only when every ranked task is scored
         rows.append([label, s.get("average") if s.get("average") is not None else s.get("partial_average")])
-        body = _table(["task", "main metric"], rows, markdown)
+        blocks = [Table(["task", "main metric"], rows)]
         if s.get("missing"):
-            body += f"\n\nMissing tasks (not scored): {', '.join(s['missing'])}"
+            blocks.append(f"Missing tasks (not scored): {', '.join(s['missing'])}")
         if s.get("fairness"):   # FairFace / UTKFace: DataComp's fairness evaluation, outside the average
-            body += "\n\nFairness (outside the average):\n\n" + _table(
-                ["task", "metric", "value"], [[t, k, v] for t, m in s["fairness"].items() for k, v in m.items()], markdown)
-        out.append(("Evaluation", body))
+            blocks += ["Fairness (outside the average):", Table(
+                ["task", "metric", "value"], [[t, k, v] for t, m in s["fairness"].items() for k, v in m.items()])]
+        out.append(("Evaluation", blocks))
     if run.earlier:
         from winnow.compare import to_markdown
 
-        if markdown:
-            out.append(("Earlier runs", to_markdown(run.earlier)))
+        if markdown:   # the markdown table also has a column per evaluation group
+            out.append(("Earlier runs", [to_markdown(run.earlier)]))
         else:
             rows = [[f"{r['run']} ({r['run_id']})", r["recipe"], r["subset_size"], r["samples_seen"], r["imagenet"], r["average"]]
                     for r in run.earlier]
-            out.append(("Earlier runs", _table(["run", "recipe", "subset size", "samples seen", "ImageNet group", "average"], rows, False)))
+            out.append(("Earlier runs", [Table(["run", "recipe", "subset size", "samples seen", "ImageNet group", "average"], rows)]))
     if run.timings:
-        out.append(("Stage wall time (last run of each stage)", _table(["stage", "seconds"], [[k, v] for k, v in run.timings.items()], markdown)))
+        out.append(("Stage wall time (last run of each stage)", [Table(["stage", "seconds"], [[k, v] for k, v in run.timings.items()])]))
     return out
 
 
 def build_markdown(run: RunData) -> str:
     title = f"# winnow run report — recipe `{run.funnel.get('recipe', '?')}`\n"
-    return title + "".join(f"\n## {t}\n\n{b}\n" for t, b in _sections(run, markdown=True))
+    return title + "".join(f"\n## {t}\n\n" + "\n\n".join(b if isinstance(b, str) else _markdown_table(b) for b in blocks) + "\n"
+                           for t, blocks in _sections(run, markdown=True))
 
 
 def _load_images(pool_dir: str, uids: set[str], max_shards: int = 3) -> dict[str, object]:
@@ -185,28 +191,19 @@ def figures(run: RunData, pool_dir: str | None, per_grid: int = 12, seed: int = 
     return figs
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 7px}
-th{background:#f3f3f3}figure{margin:1em 0}figcaption{font-size:.85em;color:#555}img{max-width:100%}"""
-# Marks the page when every image has loaded (used by the headless-browser test).
-_CHECK = """<script>window.addEventListener('load',()=>{const b=[...document.images].filter(i=>!i.complete||i.naturalWidth===0);
-document.body.dataset.images=document.images.length;document.body.dataset.brokenImages=b.length;});</script>"""
+# Autoescaping on (select_autoescape matches the name's ending): every value the page shows is text.
+_TEMPLATES = Environment(loader=PackageLoader("winnow", "templates"), autoescape=select_autoescape(["html.j2"]),
+                         trim_blocks=True, lstrip_blocks=True)
+_TEMPLATES.filters["cell"] = _cell
+_FIGURES_OF = {"Funnel": ("funnel", "hist_", "grid_"), "Evaluation": ("eval_",), "Earlier runs": ("earlier_",)}
 
 
 def build_html(run: RunData, figs: list[tuple[str, str, bytes]]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>winnow report</title><style>{_CSS}</style>{_CHECK}</head><body>",
-             f"<h1>winnow run report — recipe <code>{html.escape(str(run.funnel.get('recipe', '?')))}</code></h1>"]
-    fig_by_section = {"Funnel": ["funnel", "hist_", "grid_"], "Evaluation": ["eval_"], "Earlier runs": ["earlier_"]}
-    for title, body in _sections(run, markdown=False):
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append("".join(f"<p>{html.escape(p)}</p>" if not p.startswith("<table") else p for p in body.split("\n\n")))
-        for stem, caption, png in figs:
-            if any(stem.startswith(prefix) for prefix in fig_by_section.get(title, [])):
-                data = base64.b64encode(png).decode("ascii")
-                parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    sections = [{"title": title, "blocks": blocks,
+                 "figures": [(caption, base64.b64encode(png).decode("ascii")) for stem, caption, png in figs
+                             if stem.startswith(_FIGURES_OF.get(title, ()))]}
+                for title, blocks in _sections(run, markdown=False)]
+    return _TEMPLATES.get_template("report.html.j2").render(recipe=run.funnel.get("recipe", "?"), sections=sections)
 
 
 def dvc_plot_data(run: RunData) -> dict[str, pd.DataFrame]:

@@ -5,19 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import ImageOps
+from sklearn.metrics import roc_auc_score
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(score of a random positive > a random negative), ties counted half (Mann-Whitney U)."""
-    scores = np.concatenate([pos, neg])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for v in np.unique(scores):   # average ranks of ties
-        m = scores == v
-        if m.sum() > 1:
-            ranks[m] = ranks[m].mean()
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    """P(score of a random positive > a random negative), ties counted half."""
+    labels = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    return float(roc_auc_score(labels, np.concatenate([pos, neg])))
 
 
 def pair_scores(model, preprocess, tokenizer, pairs, flip: bool = False, batch_size: int = 256) -> np.ndarray:
