@@ -15,7 +15,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.dag import load_dag, topological
+from winnow.dvcfile import dag as load_dag
+from winnow.dvcfile import order as topological
 
 
 def _env() -> dict:

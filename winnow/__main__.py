@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--uri", default=None, help="s3://bucket/prefix (default: storage.uri)")
     args, extra = ap.parse_known_args(argv)
     if args.cmd == "publish":
-        import yaml
-
         from winnow.config import load_params
+        from winnow.dvcfile import stages
         from winnow.publish import publish_stage
 
         params = load_params()
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if not uri:
             print("no storage.uri in params.yaml and no --uri", file=sys.stderr)
             return 2
-        for stage in yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"]:
+        for stage in stages():
             for r in publish_stage(stage, uri):
                 print(f"{stage}: {r['uri']} ({r['files']} files)")
         return 0

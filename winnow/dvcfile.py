@@ -5,7 +5,6 @@ dvc.yaml is the single declaration of each stage; stage.main, publish, the Prefe
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
@@ -20,13 +19,7 @@ class DvcYamlError(WinnowError, ValueError):
 
 def stages(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, dict]:
     """``{name: spec}`` in dvc.yaml order."""
-    p = Path(dvc_yaml).resolve()
-    return _load(str(p), p.stat().st_mtime_ns)
-
-
-@lru_cache(maxsize=8)
-def _load(path: str, _mtime: int) -> dict[str, dict]:   # mtime in the key: an edited dvc.yaml is re-read
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))["stages"]
+    return yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
 
 
 def stage(name: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:
@@ -40,8 +33,10 @@ def params_keys(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     """The stage's ``params:`` list as dotted keys (``eval`` or ``pool.shard_size``)."""
     keys = []
     for p in stage(name, dvc_yaml).get("params", []) or []:
-        # DVC also allows ``{other.yaml: [keys]}``; winnow uses params.yaml only, so take the keys
-        keys.extend(k for v in p.values() for k in v) if isinstance(p, dict) else keys.append(p)
+        if isinstance(p, dict):   # DVC's ``{other.yaml: [keys]}`` form: winnow reads params.yaml only, keep the keys
+            keys.extend(k for ks in p.values() for k in ks or [])
+        else:
+            keys.append(p)
     return keys
 
 

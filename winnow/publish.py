@@ -40,6 +40,7 @@ from pathlib import Path
 
 import yaml
 
+from winnow.dvcfile import outputs
 from winnow.io import file_sha256
 from winnow.s3 import S3Error
 
@@ -66,16 +67,7 @@ class OverlapError(PublishError):
 
 def stage_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     """The paths a stage declares as outs, metrics and plots."""
-    spec = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"][stage]
-    return declared_outputs(spec)
-
-
-def declared_outputs(spec: dict) -> list[str]:
-    paths = []
-    for kind in ("outs", "metrics", "plots"):
-        for o in spec.get(kind, []) or []:
-            paths.append(next(iter(o)) if isinstance(o, dict) else o)
-    return paths
+    return outputs(stage, dvc_yaml)
 
 
 def _files(path: Path) -> list[tuple[str, Path]]:
