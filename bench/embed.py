@@ -78,6 +78,7 @@ def measure(arch: str, data: Path, batch: int, workers: int, device: str, compil
     import open_clip
 
     from winnow.embed import Encoder, embed_shards
+    from winnow.jobs import WorkDir
     from winnow.pool.view import Pool
 
     torch.manual_seed(0)
@@ -110,9 +111,10 @@ def measure(arch: str, data: Path, batch: int, workers: int, device: str, compil
     for decode in decodes:
         for _ in range(2):
             shutil.rmtree(out, ignore_errors=True)
+            work = WorkDir("embed", "bench", out)
             _sync(device)
             t0 = time.perf_counter()
-            embed_shards(pool, pool.shards, model, preprocess, tokenizer, out, name="bench", batch_size=batch,
+            embed_shards(pool, pool.shards, model, preprocess, tokenizer, work, name="bench", batch_size=batch,
                          workers=workers, device=device, compile=compile_, decode=decode,
                          progress=f"e2e {arch} ({decode} decode)")
             _sync(device)

@@ -93,12 +93,13 @@ CASES = {
 
 
 def run_winnow(data: Path, case: str, workers: int, out: Path) -> int:
+    from winnow.executor import Executor
     from winnow.filters.engine import load_recipe, run
     from winnow.pool.view import Pool
 
     recipe, overrides, decide = CASES[case]
     f = run(load_recipe(recipe, overrides), Pool.open(str(data)), str(out),
-            executor="processes" if workers > 1 else "serial", workers=workers, decide=decide)
+            executor=Executor("processes" if workers > 1 else "serial", workers), decide=decide)
     return f["pool_size"]
 
 

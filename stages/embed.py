@@ -1,9 +1,8 @@
 """Stage `embed`: image, flipped-image and text embeddings of every pool shard from the scorer;
 undecodable images are quarantined and counted; gate: rows aligned, embeddings finite and unit.
-Shards are written to a work directory keyed by the scorer, the pool and the batch size first, so a
-killed run resumes without recomputing finished shards."""
-import hashlib
-import json
+Shards are the units of a job whose work directory is keyed by the scorer, the pool's content, the
+encoding settings and the code (winnow.jobs), so a killed run resumes without recomputing finished
+shards."""
 import os
 import shutil
 
@@ -14,7 +13,8 @@ import torch
 from winnow import models
 from winnow.config import Params
 from winnow.embed import embed_pool, embed_targets
-from winnow.io import atomic_dir, cache_local, file_sha256, keyed_work_dir, local, read_json, write_json
+from winnow.io import atomic_dir, cache_local, read_json, write_json
+from winnow.jobs import Key, WorkDir
 from winnow.pool import shards
 from winnow.pool.view import Pool
 from winnow.stage import main
@@ -22,17 +22,17 @@ from winnow.tasks import load_suite
 from winnow.validate import Gate, expect
 
 OUT = "data/embed"
-WORK = ".winnow/work/embed"
 
 
-def work_dir(spec: dict, p: Params, encode: list[str]) -> str:
-    """Keyed by everything the shard outputs depend on; other keys' leftovers are removed."""
+def work_key(spec: dict, p: Params, pool: Pool, encode: list[str], device: str, compile_: bool) -> Key:
+    """Everything the shard outputs depend on: the scorer (architecture, weights' content), what is
+    encoded and how (batch size, decoder, device type: bf16 on CUDA), the pool's content, the code."""
     weights = models.resolve_weights(spec["weights"])
-    wid = file_sha256(weights) if weights and os.path.exists(weights) else str(weights)
-    manifest = file_sha256(local("data/pool") / "manifest.json")
-    key = hashlib.sha256(json.dumps([spec["model"], wid, spec["name"], manifest, p.embed.batch_size,
-                                     sorted(encode)]).encode()).hexdigest()[:16]
-    return str(keyed_work_dir(WORK, key))
+    key = Key("embed").params(model=spec["model"], name=spec["name"], encode=sorted(encode), batch_size=p.embed.batch_size,
+                              decode=p.embed.decode, device=device.split(":")[0], compile=compile_,
+                              weights_tag=str(spec["weights"]))
+    return key.files(weights=weights if weights and os.path.exists(weights) else None, pool=pool.uri,
+                     images=pool.images_uri if pool.is_download else None).code("winnow.embed")
 
 
 def body(p: Params) -> dict:
@@ -50,18 +50,17 @@ def body(p: Params) -> dict:
     cuda = torch.cuda.device_count()
     devices = p.embed.devices if p.embed.devices != "auto" else ([f"cuda:{i}" for i in range(cuda)] or ["cpu"])
     compile_ = bool(cuda) if p.embed.compile == "auto" else p.embed.compile
-    work = work_dir(spec, p, encode)
+    work = WorkDir("embed", work_key(spec, p, pool, encode, devices[0], compile_))
     per_shard = embed_pool(pool, {"model": spec["model"], "weights": spec["weights"]}, work, name=name,
                            batch_size=p.embed.batch_size, workers=p.embed.workers, devices=devices, compile=compile_,
                            decode=p.embed.decode, encode=encode) if encode else []
     model, pre, tok = models.load(spec["model"], spec["weights"])
     with atomic_dir(OUT) as tmp:
-        for f in local(work).iterdir():   # linked, not moved: a failed gate below keeps the finished shards
-            if not f.name.endswith(".done.json"):
-                try:
-                    os.link(f, tmp / f.name)
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
+        for f in sorted([*work.path.glob("*.npz"), *work.path.glob("*.parquet")]):
+            try:   # linked, not moved: a failed gate below keeps the finished shards
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
         targets = embed_targets(load_suite(p.eval.suite), str(cache_local(p.eval.data_root)), model, pre, tok, str(tmp),
                                 batch_size=p.embed.batch_size, workers=p.embed.workers) if plan["targets"] else {}
         frames = []
@@ -102,7 +101,7 @@ def body(p: Params) -> dict:
                    "keys": [f"{name}{suffix[e]}" for e in ("img", "flip", "txt") if e in encode], "scorer": spec,
                    "targets": targets}
         write_json(tmp / "meta.json", summary | {"per_shard": per_shard, "devices": devices, "compile": compile_})
-    shutil.rmtree(work, ignore_errors=True)
+    work.release()
     return {k: v for k, v in summary.items() if isinstance(v, int)}
 
 

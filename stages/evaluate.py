@@ -1,7 +1,8 @@
 """Stage `evaluate`: zero-shot classification, retrieval, association and DataComp's fairness
 evaluation on the suite, streamed (eval.workers decode, eval.device runs the model: bf16 autocast on
-CUDA). results.jsonl per task (kept by DVC across runs; each line keyed by checkpoint, set content,
-task spec and metric version, so a killed or changed evaluation redoes only what changed);
+CUDA). Each task is a unit of a job keyed by the checkpoint, the code and the task's entry and set
+content (winnow.jobs), so a killed or changed evaluation redoes only what changed; results.jsonl
+holds the finished tasks;
 summary.json (DVC metrics): each main metric, group means, and the average — DataComp's only when
 every ranked task is scored, else a labelled partial average (``partial_average``, ``num_scored``).
 Gate: metrics in [0, 1]; at least one task scored; every ranked task scored unless
@@ -13,6 +14,7 @@ from winnow import models, track
 from winnow.config import Params
 from winnow.evaluate import evaluate_suite, summarize, write_summary
 from winnow.io import cache_local, file_sha256, read_json
+from winnow.jobs import WORK_ROOT
 from winnow.stage import main
 from winnow.tasks import load_suite
 from winnow.validate import Gate, expect
@@ -25,7 +27,7 @@ def body(p: Params) -> dict:
     model, pre, tok = models.load(info["model"], info["checkpoint"])
     rows = evaluate_suite(model, pre, tok, load_suite(p.eval.suite), str(cache_local(p.eval.data_root)),
                           f"{OUT}/results.jsonl", batch_size=p.eval.batch_size, model_id=file_sha256(info["checkpoint"]),
-                          workers=p.eval.workers, device=p.eval.device)
+                          workers=p.eval.workers, device=p.eval.device, work_root=WORK_ROOT)
     summary = summarize(rows) | {"model": info}
     E = expect()
     gate = Gate("evaluate")

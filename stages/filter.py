@@ -4,8 +4,10 @@ import pandas as pd
 
 from winnow import io as wio
 from winnow.config import Params
+from winnow.executor import Executor
 from winnow.filters.engine import params_recipe, run, truth_metrics
 from winnow.io import read_json, write_json
+from winnow.jobs import WORK_ROOT
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
 from winnow.stage import main
@@ -17,8 +19,8 @@ OUT = "data/filter"
 def body(p: Params) -> dict:
     recipe = params_recipe(p.filter)   # validated before any data is read
     pool = Pool.open("data/pool", embed_uri="data/embed")
-    funnel = run(recipe, pool, OUT, executor=p.filter.executor, workers=p.filter.workers, address=p.filter.address,
-                 work_dir=".winnow/work/filter", decide=p.filter.decide)   # per-shard verdicts: a killed filter resumes
+    funnel = run(recipe, pool, OUT, executor=Executor.of(p.filter), work_root=WORK_ROOT,
+                 decide=p.filter.decide)   # per-shard verdicts in a keyed work directory: a killed filter resumes
     decisions = pd.read_parquet(f"{OUT}/decisions.parquet")
     if pool.truth_path:
         funnel["truth"] = truth_metrics(decisions, pd.read_parquet(wio.source(pool.truth_path)), recipe.labels())

@@ -3,6 +3,7 @@ gate: every selected uid was written as often as selected."""
 import pandas as pd
 
 from winnow.config import Params
+from winnow.jobs import WORK_ROOT
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
 from winnow.reshard import reshard
@@ -16,7 +17,7 @@ def body(p: Params) -> dict:
     subset = U.load("data/filter/uids.npy")
     pool = Pool.open("data/pool")
     meta = reshard(pool, subset, OUT, shard_size=p.pool.shard_size,
-                   work_dir=".winnow/work/reshard")   # closed output shards survive a kill
+                   work_root=WORK_ROOT)   # closed output shards survive a kill
     E = expect()
     gate = Gate("reshard")
     # uids whose image never downloaded are expected on real pools (the resharder warns); on a

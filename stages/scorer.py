@@ -6,7 +6,7 @@ import pandas as pd
 
 from winnow import models, track
 from winnow.config import Params
-from winnow.io import atomic_dir, cache_local, file_sha256, local, read_json, write_json
+from winnow.io import atomic_dir, cache_local, local, read_json, write_json
 from winnow.pool import demo
 from winnow.scoring import scorer_quality
 from winnow.stage import main
@@ -38,8 +38,7 @@ def body(p: Params) -> dict:
             n = sum(read_json(str(x)[:-4] + "_stats.json")["count"] for x in trusted)
             r = train_clip(data="::".join(map(str, trusted)), model=s.model, samples_seen=n * t.epochs,
                            batch_size=t.batch_size, lr=t.lr, warmup=t.warmup, wd=t.wd, beta2=0.98,
-                           checkpoints=2, out_dir=tmp, seed=p.seed, work_dir=".winnow/work/scorer",
-                           data_id="".join(file_sha256(t) for t in trusted))
+                           checkpoints=2, out_dir=tmp, seed=p.seed, job="scorer")
             ok, why = loss_is_healthy(r["curve"])
             gate.check("training", pd.DataFrame([{"run": "scorer", "healthy": ok, "why": why}]),
                        [E.ExpectColumnValuesToBeInSet(column="healthy", value_set=[True])], id_column="why")

@@ -4,14 +4,13 @@ import pandas as pd
 
 from winnow import models, track
 from winnow.config import Params, load_scale
-from winnow.io import atomic_dir, file_sha256, read_json, write_json
+from winnow.io import atomic_dir, read_json, write_json
 from winnow.reshard import brace_pattern
 from winnow.stage import main
 from winnow.train import loss_is_healthy, train_clip
 from winnow.validate import Gate, expect
 
 OUT = "models/clip"
-WORK = ".winnow/work/train"   # open_clip_train checkpoints while training: a killed run resumes here
 
 
 def body(p: Params) -> dict:
@@ -21,8 +20,7 @@ def body(p: Params) -> dict:
         r = train_clip(data=brace_pattern("data/subset", meta), model=scale["model"],
                        samples_seen=scale["samples_seen"], batch_size=scale["batch_size"], lr=scale["lr"],
                        warmup=scale["warmup"], wd=scale["wd"], beta2=scale["beta2"],
-                       checkpoints=scale["checkpoints"], out_dir=tmp, seed=p.train.seed, work_dir=WORK,
-                       data_id=file_sha256("data/subset/sample_ids.npy") + file_sha256("data/subset/meta.json"))
+                       checkpoints=scale["checkpoints"], out_dir=tmp, seed=p.train.seed)
         track.log_curve(r["curve"])
         write_json(tmp / "curve.json", r["curve"])
         ok, why = loss_is_healthy(r["curve"])

@@ -27,10 +27,10 @@ def test_near_duplicates_across_shards_and_blocks(tmp_path):
                                                          "l14_txt": base[k * 100:(k + 1) * 100]})
     pool = Pool.open(str(tmp_path))
     step = build_step({"step": "dedup_near", "embedding": "l14_img", "threshold": 0.95, "block": 32}, "test")
-    step.fit(pool, lambda shard: np.ones(100, bool))
-    dropped = sorted(int(s) * 100 + r for s, rows in ((sh, step._drop.get(sh, [])) for sh in pool.shards)
+    fitted = step.fit(pool, lambda shard: np.ones(100, bool))
+    dropped = sorted(int(s) * 100 + r for s, rows in ((sh, fitted.rows.get(sh, [])) for sh in pool.shards)
                      for r in rows)
     assert dropped == sorted(copies.values())
-    assert step.state() == {"unique_images": 300 - 4 - 1, "near_duplicates": 4}
-    keep = np.concatenate([step.keep(pool.batch(s)) for s in pool.shards])
+    assert step.report(fitted) == {"unique_images": 300 - 4 - 1, "near_duplicates": 4}
+    keep = np.concatenate([step.keep(pool.batch(s), fitted) for s in pool.shards])
     assert keep.sum() == 296 and keep[200]

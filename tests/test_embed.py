@@ -2,10 +2,12 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 import webdataset as wds
 
 from winnow import models
 from winnow.embed import embed_pool
+from winnow.jobs import WorkDir
 from winnow.pool import shards
 from winnow.pool.view import Pool
 from winnow.scoring import roc_auc
@@ -27,9 +29,10 @@ def test_embed_quarantines_bad_images_and_keeps_rows_aligned(demo_pool, tmp_path
     shutil.copytree(demo_pool, pool_dir)
     bad_uid = corrupt_first_image(pool_dir)
     pool = Pool.open(str(pool_dir))
-    out = tmp_path / "embed"
+    work = WorkDir("embed", "test", tmp_path)
+    out = work.path
     # random weights (alignment, not quality); one decode worker process
-    res = embed_pool(pool, {"model": "winnow-tiny", "weights": None}, str(out), batch_size=64, workers=1)
+    res = embed_pool(pool, {"model": "winnow-tiny", "weights": None}, work, batch_size=64, workers=1)
     assert res[0]["corrupt_images"] == 1 and res[0]["missing_images"] == 1 and res[0]["embedded"] == 198
     df = pd.read_parquet(out / "00000000.parquet")
     meta = shards.read_meta(str(pool_dir), "00000000").to_pandas()
@@ -86,6 +89,7 @@ def _same(a, b):
             np.testing.assert_array_equal(a[k], b[k])
 
 
+@pytest.mark.slow   # five embed runs and a spawned pair of device processes
 def test_embed_resumes_per_shard_and_splits_over_devices(demo_pool, tmp_path):
     import os
     import subprocess
@@ -95,39 +99,39 @@ def test_embed_resumes_per_shard_and_splits_over_devices(demo_pool, tmp_path):
 
     spec = _random_checkpoint(tmp_path / "ckpt.pt")
     pool = Pool.open(str(demo_pool))
-    ref = tmp_path / "ref"
+    ref = WorkDir("embed", "ref", tmp_path)
     embed_pool(pool, spec, ref, batch_size=64, workers=0)
-    reference = _outputs(ref)
-    assert len(list(ref.glob("*.done.json"))) == 3
+    reference = _outputs(ref.path)
+    assert sorted(ref.finished()) == pool.shards
 
     # killed mid-run (SIGKILL after the first shard is marked done), then resumed
-    out = tmp_path / "killed"
+    root = tmp_path / "killed"
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-              "from winnow.embed import embed_pool\nfrom winnow.pool.view import Pool\n"
-              f"embed_pool(Pool.open({str(demo_pool)!r}), {spec!r}, {str(out)!r}, batch_size=64, workers=1)\n")
+              "from winnow.embed import embed_pool\nfrom winnow.jobs import WorkDir\nfrom winnow.pool.view import Pool\n"
+              f"embed_pool(Pool.open({str(demo_pool)!r}), {spec!r}, WorkDir('embed', 'k', {str(root)!r}), batch_size=64, workers=1)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env_for_subprocess())
-    kill_when(proc, lambda: list(out.glob("*.done.json")), poll=0.02)
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*")}
-    assert 1 <= len([n for n in finished if n.endswith(".done.json")]) < 3, "killed too late"
-    res = embed_pool(pool, spec, out, batch_size=64, workers=0)
+    out = root / "embed" / "k"
+    kill_when(proc, lambda: list(out.glob("_done/*.json")), poll=0.02)
+    finished = {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    marked = [n[len("_done/"):-len(".json")] for n in finished if n.startswith("_done/")]
+    assert 1 <= len(marked) < 3, "killed too late"
+    res = embed_pool(pool, spec, WorkDir("embed", "k", root), batch_size=64, workers=0)
     assert [r["shard"] for r in res] == pool.shards
-    for name, mtime in finished.items():            # finished shards were not recomputed
-        if name.endswith(".done.json"):
-            stem = name[: -len(".done.json")]
-            for ext in (".npz", ".parquet", ".done.json"):
-                assert (out / f"{stem}{ext}").stat().st_mtime_ns == finished[f"{stem}{ext}"]
+    for stem in marked:                              # finished shards were not recomputed
+        for name in (f"{stem}.npz", f"{stem}.parquet", f"_done/{stem}.json"):
+            assert (out / name).stat().st_mtime_ns == finished[name]
     _same(_outputs(out), reference)                  # identical to the uninterrupted run
 
     # a partial shard (outputs without its marker) is redone
-    os.remove(ref / "00000001.done.json")
-    (ref / "00000001.npz").write_bytes(b"half written")
+    os.remove(ref.path / "_done" / "00000001.json")
+    (ref.path / "00000001.npz").write_bytes(b"half written")
     embed_pool(pool, spec, ref, batch_size=64, workers=0)
-    _same(_outputs(ref), reference)
+    _same(_outputs(ref.path), reference)
 
     # two device processes (cpu, cpu), each every 2nd shard: the same outputs
-    split = tmp_path / "split"
+    split = WorkDir("embed", "split", tmp_path / "split")
     embed_pool(pool, spec, split, batch_size=64, workers=0, devices=["cpu", "cpu"])
-    _same(_outputs(split), reference)
+    _same(_outputs(split.path), reference)
 
 
 def test_embedding_names_follow_datacomp_for_its_models(tmp_path):
@@ -155,11 +159,11 @@ def test_tensor_decode_matches_pil_and_quarantines_the_same(demo_pool, tmp_path)
     bad_uid = corrupt_first_image(pool_dir)
     spec = _random_checkpoint(tmp_path / "ckpt.pt")
     pool = Pool.open(str(pool_dir))
-    a = embed_pool(pool, spec, tmp_path / "pil", batch_size=64, workers=0)
-    b = embed_pool(pool, spec, tmp_path / "tensor", batch_size=64, workers=0, decode="tensor")
+    a = embed_pool(pool, spec, WorkDir("pil", "t", tmp_path), batch_size=64, workers=0)
+    b = embed_pool(pool, spec, WorkDir("tensor", "t", tmp_path), batch_size=64, workers=0, decode="tensor")
     assert [r["corrupt_images"] for r in a] == [r["corrupt_images"] for r in b] == [1, 0, 0]
     assert b[0]["corrupt_uids"] == [bad_uid] and b[0]["missing_images"] == 1
-    za, zb = shards.read_npz(str(tmp_path / "pil"), "00000000"), shards.read_npz(str(tmp_path / "tensor"), "00000000")
+    za, zb = shards.read_npz(str(tmp_path / "pil" / "t"), "00000000"), shards.read_npz(str(tmp_path / "tensor" / "t"), "00000000")
     ok = np.isfinite(za["scorer_img"][:, 0])
     assert (ok == np.isfinite(zb["scorer_img"][:, 0])).all()
     for k in ("scorer_img", "scorer_img_flip"):   # same images up to resampling: nearly parallel embeddings

@@ -30,7 +30,8 @@ def test_missing_sets_are_reported_missing_not_zero(tmp_path):
     summary = summarize(rows)
     assert summary["average"] is None and summary["num_scored"] == 0
     assert len(summary["missing"]) == 40 and "imagenet1k" in summary["missing"]
-    assert not (tmp_path / "r.jsonl").exists()   # nothing recorded, so a later run retries them
+    assert (tmp_path / "r.jsonl").read_text() == ""                       # no task finished
+    assert not list(tmp_path.rglob("_done/*.json"))                        # nothing marked: a later run retries them
 
 
 def _row(key, main, status="ok", group="G", metric="acc1"):

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from winnow.executor import Executor
 from winnow.config import ParamsError
 from winnow.filters.clip_score import ClipScore, top_fraction_threshold
 from winnow.filters.engine import load_recipe, run, truth_metrics
@@ -109,7 +110,7 @@ def test_missing_column_fails_before_work(demo_pool, tmp_path):
 def test_executors_give_identical_outputs(demo_pool, tmp_path):
     pool = Pool.open(str(demo_pool))
     for ex in ("serial", "threads", "processes"):
-        run(load_recipe("basic"), pool, str(tmp_path / ex), executor=ex, workers=2)
+        run(load_recipe("basic"), pool, str(tmp_path / ex), executor=Executor(ex, 2))
     ref = (tmp_path / "serial" / "uids.npy").read_bytes()
     assert (tmp_path / "threads" / "uids.npy").read_bytes() == ref
     assert (tmp_path / "processes" / "uids.npy").read_bytes() == ref
@@ -129,14 +130,14 @@ def test_dask_through_prefect_task_runner_gives_identical_outputs(demo_pool, tmp
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
 
-    from winnow.compute import prefect_api
+    from winnow.executor import prefect_api
 
     pool = Pool.open(str(demo_pool))
     run(load_recipe("basic"), pool, str(tmp_path / "serial"))
     prefect_api()        # before the cluster starts, so its workers inherit PREFECT_API_URL
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       host="127.0.0.1") as cluster:
-        run(load_recipe("basic"), pool, str(tmp_path / "dask"), executor="dask", workers=2, address=cluster.scheduler_address)
+        run(load_recipe("basic"), pool, str(tmp_path / "dask"), executor=Executor("dask", 2, cluster.scheduler_address))
     assert (tmp_path / "dask" / "uids.npy").read_bytes() == (tmp_path / "serial" / "uids.npy").read_bytes()
     a = pd.read_parquet(tmp_path / "serial" / "decisions.parquet")
     b = pd.read_parquet(tmp_path / "dask" / "decisions.parquet")
@@ -151,7 +152,9 @@ def test_dask_through_prefect_task_runner_gives_identical_outputs(demo_pool, tmp
 
     tasks = asyncio.run(recorded())
     assert len(tasks) == 2 * len(pool.shards)          # probe + decide/decisions, per shard
-    assert {t.name for t in tasks} == set(pool.shards) and all(t.state.is_completed() for t in tasks)
+    # probe task runs are named by shard, pass units by pass and shard
+    assert sorted(t.name for t in tasks) == sorted(pool.shards + [f"decisions-{s}" for s in pool.shards])
+    assert all(t.state.is_completed() for t in tasks)
 
 
 def _fasttext_tokens(text: str) -> int:
@@ -213,7 +216,7 @@ def test_dask_local_cluster_runs_map_reduce_fits(demo_pool, tmp_path):
     threshold's two histogram passes run as shard task runs and select DataComp's exact uids."""
     pool = Pool.open(str(demo_pool))
     run(load_recipe("clip_b32_top30"), pool, str(tmp_path / "serial"))
-    f = run(load_recipe("clip_b32_top30"), pool, str(tmp_path / "dask"), executor="dask", workers=2)
+    f = run(load_recipe("clip_b32_top30"), pool, str(tmp_path / "dask"), executor=Executor("dask", 2))
     assert (tmp_path / "dask" / "uids.npy").read_bytes() == (tmp_path / "serial" / "uids.npy").read_bytes()
     assert f["steps"][0]["state"]["threshold"] == top_fraction_threshold(
         pd.concat([shards.read_meta(str(demo_pool), s, ["clip_b32_similarity_score"]).to_pandas()

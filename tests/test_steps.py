@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from winnow.executor import Executor
 from winnow.config import ParamsError
 from winnow.filters.engine import load_recipe, recipe_names, run
 from winnow.pool import shards
@@ -107,7 +108,7 @@ def test_rebalance_caps_and_repeats_deterministically(demo_pool, tmp_path):
     outs = []
     for ex in ("serial", "processes"):
         from winnow.filters.engine import run as run_
-        f = run_(recipe(tmp_path, steps), pool, str(tmp_path / ex), executor=ex, workers=2)
+        f = run_(recipe(tmp_path, steps), pool, str(tmp_path / ex), executor=Executor(ex, 2))
         outs.append((tmp_path / ex / "uids.npy").read_bytes())
     assert outs[0] == outs[1]
     st = f["steps"][0]["state"]

@@ -18,15 +18,14 @@ import json, sys
 sys.path.insert(0, {root!r})
 from winnow.train import train_clip
 r = train_clip(data={data!r}, model="winnow-tiny", samples_seen=512, batch_size=16, lr=1e-3, warmup=2,
-               wd=0.1, beta2=0.98, checkpoints=4, out_dir={out!r}, work_dir={work!r}, data_id={data_id!r})
+               wd=0.1, beta2=0.98, checkpoints=4, out_dir={out!r}, work_root={work!r})
 print("RESULT", json.dumps({{"resumed": r["resumed_from_epochs"], "steps": r["steps"],
                              "last": r["curve"][-1]["samples"]}}))
 """
 
 
-def _script(tmp_path, out, data_id="v1"):
-    return SCRIPT.format(root=str(ROOT), data=str(tmp_path / "data" / "0.tar"), out=str(out),
-                         work=str(tmp_path / "work"), data_id=data_id)
+def _script(tmp_path, out):
+    return SCRIPT.format(root=str(ROOT), data=str(tmp_path / "data" / "0.tar"), out=str(out), work=str(tmp_path / "work"))
 
 
 def _result(stdout: str) -> dict:
@@ -48,7 +47,7 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path):
     deadline = time.time() + 300
     ckpt = None
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "work").glob("*/run/checkpoints/epoch_1.pt"))
+        found = list((tmp_path / "work").glob("train/*/run/checkpoints/epoch_1.pt"))
         if found:
             ckpt = found[0]
             break
@@ -63,7 +62,7 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path):
     done_epochs = sorted(e for p in ckpt.parent.glob("epoch_[0-9]*.pt") if (e := _checkpoint_epoch(p)) is not None)
     assert done_epochs and done_epochs[-1] < 4, "the run finished before it was killed; make it longer"
 
-    stray = tmp_path / "work" / "0123456789abcdef"     # a killed run with other inputs
+    stray = tmp_path / "work" / "train" / "0123456789abcdef"     # a killed run with other inputs
     (stray / "run" / "checkpoints").mkdir(parents=True)
     again = subprocess.run([sys.executable, "-c", _script(tmp_path, out)], env=env_for_subprocess(),
                            capture_output=True, text=True, timeout=600)
@@ -72,4 +71,4 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path):
     assert r["resumed"] and r["resumed"][-1] == done_epochs[-1]       # started after the last saved epoch
     assert r["last"] > 3 * 128 and r["steps"] >= 4 * 128 // 16 - 2       # the curve covers the whole budget
     assert (out / "checkpoint.pt").exists()
-    assert not list((tmp_path / "work").iterdir())      # its own work dir removed when done, the stray one too
+    assert not list((tmp_path / "work" / "train").iterdir())      # its own work dir removed when done, the stray one too

@@ -11,15 +11,14 @@ never silently dropped; the stage's gate decides by threshold (share of rows wit
 Streaming: shards are read, decoded, preprocessed (original and mirrored) and tokenised in
 DataLoader worker processes while the model encodes the previous batch; on a GPU, batches are pinned
 and copied asynchronously, the model runs in bf16 autocast, channels-last, optionally
-``torch.compile``d. Resumable: a shard's outputs are written to the work directory and its
-``.done.json`` marker last, so a re-run skips finished shards and redoes a partial one. Several
-devices split the shard list, one process per device.
+``torch.compile``d. Resumable: the shards are the units of a job (winnow.jobs) whose work directory
+the caller keys; a shard's outputs are written there and its completion marker last, so a re-run
+skips finished shards and redoes a partial one. Several devices split the shard list, one process
+per device.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +27,8 @@ import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
-from winnow.io import atomic_file, local, write_json
+from winnow.io import atomic_file, local
+from winnow.jobs import WorkDir
 from winnow.pool import shards
 from winnow.pool.view import Pool
 
@@ -153,7 +153,7 @@ class Encoder:
         return np.concatenate(outs)
 
 
-def _finish_shard(state: dict, enc: Encoder, out: Path, shard: str, name: str, batch_size: int,
+def _finish_shard(state: dict, enc: Encoder, work: WorkDir, shard: str, name: str, batch_size: int,
                   encode: frozenset = frozenset(ENCODINGS)) -> dict:
     info = state["info"]
     uids = info["uids"]
@@ -170,6 +170,7 @@ def _finish_shard(state: dict, enc: Encoder, out: Path, shard: str, name: str, b
         ok[rows] = True
     info["corrupt"] = info["corrupt"] + state["corrupt"]
     arrays = {"img": (f"{name}_img", img), "flip": (f"{name}_img_flip", flip), "txt": (f"{name}_txt", txt)}
+    out = work.path
     shards.write_npz(str(out), shard, {k: v for e, (k, v) in arrays.items() if e in encode})
     cols = {"uid": uids}
     if {"img", "txt"} <= encode:
@@ -182,19 +183,15 @@ def _finish_shard(state: dict, enc: Encoder, out: Path, shard: str, name: str, b
     stats = {"shard": shard, "rows": n, "embedded": int(ok.sum()), "corrupt_images": len(info["corrupt"]),
              "missing_images": int(n - ok.sum() - len(info["corrupt"])), "unknown_tar_members": info["unknown"],
              "tar_error": info["tar_error"], "corrupt_uids": info["corrupt"][:5]}
-    write_json(out / f"{shard}.done.json", stats)     # last: the shard is complete
+    work.mark(shard, stats)     # last: the shard is complete
     return stats
 
 
-def done_shards(out: str | Path) -> dict[str, dict]:
-    return {p.name[: -len(".done.json")]: json.loads(p.read_text()) for p in Path(out).glob("*.done.json")}
-
-
-def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer, out: str | Path,
+def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer, work: WorkDir,
                  name: str = "scorer", batch_size: int = 256, workers: int = 1, device: str = "cpu",
                  compile: bool = False, decode: str = "pil", progress: str = "embed shards",
                  encode=ENCODINGS) -> list[dict]:
-    """Embed ``shard_list`` into ``out``, skipping shards already marked done there. ``decode``:
+    """Embed ``shard_list`` into the work directory, skipping shards already marked done there. ``decode``:
     ``pil`` in the DataLoader workers, or ``tensor`` on the model's device (nvjpeg on CUDA).
     ``encode``: which of the image, mirrored image and text encodings to compute (what the recipe
     needs that the pool lacks)."""
@@ -204,9 +201,7 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
         raise ValueError(f"encode must be a non-empty subset of {ENCODINGS}, not {sorted(encode)}")
     from winnow.decode import TensorPreprocess
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    done = done_shards(out)
+    done = {s: stats for s in shard_list if (stats := work.done(s)) is not None}
     todo = [s for s in shard_list if s not in done]
     enc = Encoder(model, device, compile)
     tensor_pre = TensorPreprocess(model.visual.preprocess_cfg, device) if decode == "tensor" else None
@@ -239,22 +234,22 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
             f = enc.images(torch.cat([x, xf]) if xf is not None else x)   # original and mirrored in one pass
             states[shard]["parts"].append((rows.numpy(), f[: len(rows)], f[len(rows):] if xf is not None else None))
         else:
-            done[shard] = _finish_shard(states.pop(shard), enc, out, shard, name, batch_size, encode)
+            done[shard] = _finish_shard(states.pop(shard), enc, work, shard, name, batch_size, encode)
             bar.update(1)
     bar.close()
     return [done[s] for s in shard_list]
 
 
-def _device_worker(rank: int, devices: list[str], pool: Pool, model_spec: dict, out: str, kw: dict) -> None:
+def _device_worker(rank: int, devices: list[str], pool: Pool, model_spec: dict, work: WorkDir, kw: dict) -> None:
     """One device's share of the shards, in its own process."""
     from winnow import models
 
     model, pre, tok = models.load(model_spec["model"], model_spec.get("weights"))
-    embed_shards(pool, pool.shards[rank::len(devices)], model, pre, tok, out, device=devices[rank],
+    embed_shards(pool, pool.shards[rank::len(devices)], model, pre, tok, work, device=devices[rank],
                  progress=f"embed on {devices[rank]} (rank {rank})", **kw)
 
 
-def embed_pool(pool: Pool, model_spec: dict, out: str | Path, name: str = "scorer", batch_size: int = 256,
+def embed_pool(pool: Pool, model_spec: dict, work: WorkDir, name: str = "scorer", batch_size: int = 256,
                workers: int = 1, devices: list[str] | None = None, compile: bool = False,
                decode: str = "pil", encode=ENCODINGS) -> list[dict]:
     """Embed every shard of the pool with the model ``{"model": arch, "weights": tag|path|None}``.
@@ -267,9 +262,9 @@ def embed_pool(pool: Pool, model_spec: dict, out: str | Path, name: str = "score
           "encode": tuple(sorted(encode))}
     if len(devices) == 1:
         model, pre, tok = models.load(model_spec["model"], model_spec.get("weights"))
-        return embed_shards(pool, pool.shards, model, pre, tok, out, device=devices[0], **kw)
-    torch.multiprocessing.spawn(_device_worker, args=(devices, pool, model_spec, str(out), kw), nprocs=len(devices))
-    done = done_shards(out)
+        return embed_shards(pool, pool.shards, model, pre, tok, work, device=devices[0], **kw)
+    torch.multiprocessing.spawn(_device_worker, args=(devices, pool, model_spec, work, kw), nprocs=len(devices))
+    done = work.finished()
     missing = [s for s in pool.shards if s not in done]
     if missing:
         raise RuntimeError(f"embed: shards not finished by the device processes: {missing[:5]}")

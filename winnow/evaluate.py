@@ -13,17 +13,15 @@ worst-group accuracy from ``.npy`` metadata). Retrieval: recall@k both ways, mai
 mean_recall@1 as DataComp reports it. Association (WinoGAViL): Jaccard of the top candidates, the
 cue prompted "A/An <cue>". FairFace / UTKFace: DataComp's fairness evaluation, no main metric.
 
-Resume: each finished task appends one line to ``results.jsonl`` with its ``eval_key`` — a hash of
-the checkpoint (``model_id``), the task's registry entry, the set's fingerprint (content hashes of
-small files, sizes and mtimes of large ones), the precision and EVAL_VERSION — so a re-run skips
-exactly the tasks whose key is unchanged, and a changed set, model or metric code re-evaluates that
-task. Unparseable (torn) lines and lines of other keys are dropped when the file is read. A task
+Resume: evaluation is a job (winnow.jobs) whose units are the tasks, keyed by the checkpoint
+(``model_id``), the precision and the code; each task also by its registry entry and its set's
+fingerprint — so a re-run skips exactly the tasks whose keys are unchanged, and a changed set,
+model or metric code re-evaluates. ``results.jsonl`` is an output, written whole at the end. A task
 whose data is absent is reported missing, never scored zero.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -35,11 +33,10 @@ from tqdm import tqdm
 
 from winnow import metrics as M
 from winnow.io import atomic_file, local
+from winnow.jobs import Key, WorkDir, digest
 from winnow.tasks import (  # noqa: F401  (re-exported: embed_targets and stage.py import them from here)
     Batch, MissingTask, Suite, Task, TaskData, fingerprint, iter_samples, iter_split, read_zeroshot_text, task_data,
 )
-
-EVAL_VERSION = 2   # bump when a metric or the reading of a set changes: every finished task is re-evaluated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,52 +217,36 @@ def fairface(runner: Runner, task: Task, data: TaskData, reader: _Reader) -> dic
 # ---------------------------------------------------------------------------------------------
 # the suite, resumable
 
-def eval_key(task: Task, data: TaskData, model_id: str, prec: str) -> str:
-    """What a finished task's result depends on (not the batch size, workers or device index)."""
-    spec = task.model_dump(include={"key", "type", "main_metric", "groups", "demo"})
-    blob = {"model": model_id, "task": spec, "data": {"kind": data.kind, "id": data.dataset_id,
-            "fingerprint": fingerprint(data)}, "precision": prec, "version": EVAL_VERSION}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def read_results(path: Path, model_id: str, keys: set[str]) -> tuple[dict[str, dict], int]:
-    """Finished rows of this model whose eval_key is still wanted, and how many lines did not parse
-    (a torn last line of a killed run); the file is rewritten with only the rows kept."""
-    kept, torn = {}, 0
-    if not path.exists():
-        return kept, torn
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            torn += 1
-            continue
-        if isinstance(r, dict) and r.get("model_id", "") == model_id and r.get("eval_key") in keys and r.get("status") == "ok":
-            kept[r["eval_key"]] = r
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept.values()), encoding="utf-8")
-    return kept, torn
+def task_key(task: Task, data: TaskData, data_root: str) -> str:
+    """A task's own inputs: its registry entry and its set's content (fingerprint: content hashes of
+    small files — class names, templates —, sizes and mtimes of large ones)."""
+    blob = {"task": task.model_dump(mode="json"), "root": str(data_root),
+            "data": {"kind": data.kind, "id": data.dataset_id, "fingerprint": fingerprint(data)}}
+    return digest(blob)
 
 
 def evaluate_suite(model, preprocess, tokenizer, suite: Suite, data_root: str, results_path: str,
-                   batch_size: int = 128, model_id: str = "", workers: int = 0, device: str = "auto") -> list[dict]:
-    """Evaluate every task of ``suite`` not already finished in ``results_path`` under the same
-    eval_key; append one JSON line per finished task, so a killed evaluation resumes."""
+                   batch_size: int = 128, model_id: str = "", workers: int = 0, device: str = "auto",
+                   work_root: str | None = None) -> list[dict]:
+    """Evaluate every task of ``suite`` and write the finished ones to ``results_path`` (JSON lines).
+
+    A job (winnow.jobs) whose units are the tasks: its key covers the model (``model_id``), the
+    precision and the code (metrics, set readers); each task's own key covers its entry and its
+    set's content. A finished task is marked in the work directory (``work_root``, by default
+    beside ``results_path``), so a killed or changed evaluation redoes only what is unfinished or
+    changed. A task whose data is absent is reported missing, never marked, and retried next time."""
     runner = Runner(model, tokenizer, device)
     prec = precision(runner.device)
     path = local(results_path)
+    key = Key("evaluate").params(model=model_id, precision=prec).code(__name__)
+    work = WorkDir("evaluate", key, work_root or path.parent / ".eval-work")
     datas = {t.key: task_data(t, data_root, suite.layout) for t in suite.tasks}
-    keys = {t.key: eval_key(t, datas[t.key], model_id, prec) for t in suite.tasks}
-    done, torn = read_results(path, model_id, set(keys.values()))
-    if torn:
-        print(f"evaluate: dropped {torn} unparseable line(s) of {path} (a killed run); those tasks run again")
     rows = []
     for task in tqdm(suite.tasks, desc="evaluate", unit="task"):
-        key, data = keys[task.key], datas[task.key]
-        if key in done:
-            rows.append(done[key])
+        data, unit = datas[task.key], task.key.replace("/", "__")
+        unit_key = task_key(task, data, data_root)
+        if (done := work.done(unit, unit_key)) is not None:
+            rows.append(done)
             continue
         base = {"key": task.key, "name": task.name, "group": task.group, "main_metric": task.main_metric}
         t0 = time.time()
@@ -283,17 +264,17 @@ def evaluate_suite(model, preprocess, tokenizer, suite: Suite, data_root: str, r
                 metrics = fairface(runner, task, data, reader)
             info = reader.info(int(metrics.get("n", 0)))
             row = base | {"main": metrics.get(task.main_metric) if task.main_metric else None, "metrics": metrics,
-                          "status": "ok", "model_id": model_id, "eval_key": key, "precision": prec,
+                          "status": "ok", "model_id": model_id, "eval_key": unit_key, "precision": prec,
                           "seconds": round(time.time() - t0, 2), **info}
             if task.main_metric and task.main_metric not in metrics:   # never a silent gap in the average
                 row.update(status="unsupported_metric", reason=f"main metric {task.main_metric} is not computed")
         except MissingTask as exc:
             row = base | {"main": None, "metrics": {}, "status": "missing", "reason": str(exc)}
         rows.append(row)
-        if row["status"] == "ok":   # only finished tasks are recorded, so a re-run retries the rest
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+        if row["status"] == "ok":   # only finished tasks are marked, so a re-run retries the rest
+            work.mark(unit, row, unit_key)
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows if r["status"] == "ok"), encoding="utf-8")
     return rows
 
 

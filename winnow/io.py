@@ -153,6 +153,11 @@ def owner_token() -> str:
     return f"{HOST}-{os.getpid()}"
 
 
+def is_temp_name(name: str) -> bool:
+    """A temp file or directory of an atomic writer (winnow's own, or a killed one's)."""
+    return bool(_TMP.match(name))
+
+
 def temp_name(name: str) -> str:
     """A temporary sibling name for ``name`` that records its owner: ``.<name>.<host>-<pid>-<rand>.tmp``."""
     return f".{name}.{owner_token()}-{uuid.uuid4().hex[:12]}.tmp"
@@ -376,7 +381,7 @@ def cache_dir(uri: str) -> Path:
 def cache_local(uri: str | os.PathLike) -> Path:
     """A local copy of a remote directory (every key under the prefix) in ``.winnow/cache/s3/...``,
     for readers that need files (open_clip_train's webdataset, evaluation sets); each file is
-    downloaded atomically and skipped when already there with the same size. Every key must resolve
+    downloaded atomically and skipped when already there with the same size and ETag. Every key must resolve
     inside the copy: one that would not (``..``, ``prefix//abs``) refuses the whole copy with
     s3.UnsafeKey before anything is downloaded. A prefix published by winnow (its ``_SUCCESS.json``
     pointer) is read through the pointer: the current version's files, each verified against the
@@ -391,17 +396,22 @@ def cache_local(uri: str | os.PathLike) -> Path:
 
     if publish.is_published_dir(uri):
         return publish.download_output(uri, dest)
-    listing = s3.list_sizes(uri)     # the listing carries sizes: no HEAD per file
+    listing = s3.list_objects(uri)     # the listing carries sizes and ETags: no HEAD per file
     targets = {}
     for name in listing:
         try:
             targets[name] = safe_join(dest, name, what="S3 key")
         except UnsafePath as exc:
             raise s3.UnsafeKey(f"refusing to copy {uri}: {exc}") from None
-    for name, size in listing.items():
+    # the ETag each cached file was downloaded at: an object rewritten with the same size is fetched again
+    etags_file = dest.parent / f".{dest.name}.etags.json"
+    etags = json.loads(etags_file.read_text()) if etags_file.is_file() else {}
+    for name, (size, etag) in listing.items():
         target = targets[name]
-        if not (target.is_file() and target.stat().st_size == size):
+        if not (target.is_file() and target.stat().st_size == size and etags.get(name) == etag):
             s3.download(f"{uri}/{name}", target)
+            etags[name] = etag
+    write_json(etags_file, {n: etags[n] for n in listing if n in etags})
     keep = set(targets.values())
     for p in (dest.rglob("*") if dest.exists() else []):     # what the prefix no longer holds
         if p.is_file() and p not in keep and not _TMP.match(p.name):

@@ -5,69 +5,72 @@ failed downloads. On DataComp's download layout the image shards are img2dataset
 numeric order; the subset was chosen on the metadata, so its undownloaded part is expected."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-from pathlib import Path
+import tempfile
 
 import numpy as np
 from tqdm import tqdm
 
-from winnow.io import atomic_dir, keyed_work_dir, read_json, write_json
+from winnow import jobs
+from winnow.io import atomic_dir, write_json
 from winnow.pool import shards
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
 
 
-def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000, work_dir: str | None = None) -> dict:
-    """Write the subset under ``out`` (atomic). With ``work_dir``, output shards are built in a work
-    directory keyed by the inputs, each marked complete by its ``_stats.json`` when closed: a killed
-    run resumes after the last complete shard (the input is re-read up to that point, nothing
-    finished is re-written), and the result is byte-identical to an uninterrupted run."""
+def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000, work_root: str | None = None) -> dict:
+    """Write the subset under ``out`` (atomic). With ``work_root``, output shards are built in the
+    job's work directory (keyed by the pool's content, the subset, the shard size and the code),
+    each unit an output shard marked complete when closed: a killed run resumes after the last
+    complete shard (the input is re-read up to that point, nothing finished is re-written), and the
+    result is byte-identical to an uninterrupted run."""
     U.check_subset(subset)
-    work = _work(work_dir, pool, subset, shard_size)
-    with atomic_dir(out) as tmp:
-        meta = _write(pool, subset, work or tmp, shard_size)
-        if work:
-            for f in work.iterdir():
+    tmp_root = None if work_root else tempfile.mkdtemp(prefix="winnow-reshard-")
+    try:
+        work = jobs.WorkDir("reshard", work_key(pool, subset, shard_size), work_root or tmp_root)
+        with atomic_dir(out) as tmp:
+            meta = _write(pool, subset, work, shard_size)
+            for f in sorted(work.path.glob("*.tar")):
                 os.replace(f, tmp / f.name)
-    if work:
-        shutil.rmtree(work, ignore_errors=True)
+            for name in ("sample_ids.npy", "meta.json"):
+                os.replace(work / name, tmp / name)
+        work.release()
+    finally:
+        if tmp_root:
+            shutil.rmtree(tmp_root, ignore_errors=True)
     return meta
 
 
-def _work(work_dir: str | None, pool: Pool, subset: np.ndarray, shard_size: int) -> Path | None:
-    if not work_dir:
-        return None
-    key = hashlib.sha256(json.dumps([pool.uri, pool.manifest, shard_size], sort_keys=True).encode()
-                         + subset.tobytes()).hexdigest()[:16]
-    return keyed_work_dir(work_dir, key)
+def work_key(pool: Pool, subset: np.ndarray, shard_size: int) -> jobs.Key:
+    return (jobs.Key("reshard").params(manifest=pool.manifest, shard_size=shard_size, subset=U.digest(subset))
+            .files(images=pool.images_uri).code(__name__))
 
 
-def _complete(build: Path) -> list[int]:
-    """Counts of the output shards already closed (a contiguous run from 0); later files are partial."""
+def _complete(work) -> list[int]:
+    """Counts of the output shards already closed (a contiguous run from 0); later tars are partial."""
     counts = []
-    while (build / f"{len(counts):08d}_stats.json").exists():
-        counts.append(read_json(build / f"{len(counts):08d}_stats.json")["count"])
-    for f in build.glob("*.tar"):
+    while (stats := work.done(f"{len(counts):08d}")) is not None:
+        counts.append(stats["count"])
+    for f in work.path.glob("*.tar"):
         if int(f.stem) >= len(counts):
             f.unlink()
     return counts
 
 
-def _write(pool: Pool, subset: np.ndarray, build: Path, shard_size: int) -> dict:
+def _write(pool: Pool, subset: np.ndarray, work, shard_size: int) -> dict:
     import webdataset as wds
 
+    build = work.path
     found = written = 0
     seen = np.zeros(len(subset), bool)
-    counts = _complete(build)
+    counts = _complete(work)
     skip = sum(counts)           # samples already in closed output shards
     sink = None
 
     def close():
         sink.close()
-        write_json(build / f"{len(counts) - 1:08d}_stats.json", {"count": counts[-1], "successes": counts[-1]})
+        work.mark(f"{len(counts) - 1:08d}", {"count": counts[-1]})
 
     unreadable = []
     for shard in tqdm(pool.all_image_shards(), desc="reshard", unit="shard"):

@@ -156,22 +156,28 @@ def list_keys(uri: str) -> list[str]:
 
 def list_sizes(uri: str) -> dict[str, int]:
     """Every key under the prefix ``uri`` (recursive), relative to it, with its size in bytes."""
-    return _list(uri, recursive=True)
+    return {k: size for k, (size, _) in list_objects(uri).items()}
 
 
-def _list(uri: str, recursive: bool) -> dict[str, int]:
+def list_objects(uri: str, recursive: bool = True) -> dict[str, tuple[int, str]]:
+    """Every key under the prefix ``uri``, relative to it, with its size and ETag (what changes when
+    the object's bytes do: the identity of a remote input in a job's key and in the local cache)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     kw = {} if recursive else {"Delimiter": "/"}
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, str]] = {}
     try:
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **kw):
-            out.update({o["Key"][len(prefix):]: o["Size"] for o in page.get("Contents", [])})
+            out.update({o["Key"][len(prefix):]: (o["Size"], o.get("ETag", "").strip('"')) for o in page.get("Contents", [])})
     except (ClientError, BotoCoreError) as exc:
         raise _explain(exc, uri, "cannot list") from None
     return out
+
+
+def _list(uri: str, recursive: bool) -> dict[str, int]:
+    return {k: size for k, (size, _) in list_objects(uri, recursive).items()}
 
 
 def download(uri: str, dest: str | Path) -> Path:

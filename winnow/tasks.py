@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from winnow.errors import WinnowError
+from winnow import jobs
 from winnow.config import CONFIGS, load_yaml, validate_model
 from winnow.io import atomic_dir, atomic_file, local, write_json
 
@@ -600,36 +601,14 @@ def iter_samples(task_dir: Path, split: str = "test") -> Iterator[dict]:
 # ---------------------------------------------------------------------------------------------
 # a suite's sets: presence (the tasks stage) and fingerprints (evaluation resume keys)
 
-SMALL_FILE = 8 << 20   # files up to this size are fingerprinted by content, larger ones by size and mtime
-
-
-def _file_print(p: Path, rel: str) -> list:
-    st = p.stat()
-    if st.st_size <= SMALL_FILE:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        return [rel, st.st_size, h.hexdigest()]
-    return [rel, st.st_size, st.st_mtime_ns]
-
-
 def fingerprint(data: TaskData) -> str:
-    """sha256 over a task's files: names and content hashes of small files, names, sizes and
-    mtimes of large ones (a changed, added or removed file changes it). The datasets cache's lock
-    files, which loading touches, do not count."""
+    """A hash of a task's files' content identity (winnow.jobs: content hashes of small files,
+    sizes and mtimes of large ones; a changed, added or removed file changes it). The datasets
+    cache's lock files, which loading touches, do not count."""
     base = data.hf_dir() if data.kind == "hf" else data.path
     if not base.is_dir():
         return "absent"
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.endswith(".lock") or ".incomplete" in name:
-                continue
-            p = Path(dirpath) / name
-            entries.append(_file_print(p, p.relative_to(base).as_posix()))
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return jobs.digest(jobs.content_identity(base, ignore=lambda n: n.endswith(".lock") or ".incomplete" in n), 64)
 
 
 def check_set(task: Task, data_root: str | os.PathLike, layout: str) -> dict:

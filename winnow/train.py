@@ -15,8 +15,6 @@ holds only those local paths (no ``pipe:`` URL, no name of the input's choosing)
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -27,7 +25,8 @@ from pathlib import Path
 import torch
 
 from winnow.errors import WinnowError
-from winnow.io import atomic_file, keyed_work_dir, read_json, release_work_dir, write_json
+from winnow.io import atomic_file
+from winnow.jobs import WORK_ROOT, Key, WorkDir
 from winnow.models import register_configs
 
 _LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?([\d.]+)/s, .*?LR: ([\d.eE+-]+) .*?"
@@ -105,20 +104,21 @@ def _scan(src: Path, dst: Path | None, max_pixels: int, member_cap: int) -> dict
     return stats
 
 
-def sanitize_shards(data: str, dest: str | Path, max_pixels: int | None = None,
+def sanitize_shards(data: str, work: WorkDir, max_pixels: int | None = None,
                     member_cap: int | None = None) -> tuple[str, dict]:
     """What open_clip_train may read of ``data`` (local tar paths, ``::``-separated, brace patterns):
     each shard is scanned against the member allowlist (decode.ALLOWED_SUFFIXES, regular files,
     ``member_cap`` bytes, images at most ``max_pixels`` by their header); a clean shard is linked
     into ``dest`` as is, any other is copied there without what it must not hold. Returns the data
     argument naming only ``dest``'s files, and the counts of what was dropped. A remote or
-    ``pipe:`` URL, a missing shard, or nothing usable left raises TrainError. Finished shards are
-    kept in ``dest`` (a resumed run reuses them)."""
+    ``pipe:`` URL, a missing shard, or nothing usable left raises TrainError. ``dest`` is
+    ``data/`` in the job's work directory; each shard is a unit, marked when done (a resumed run
+    reuses it)."""
     from winnow import decode
 
     max_pixels = decode.MAX_PIXELS if max_pixels is None else max_pixels
     member_cap = decode.MAX_MEMBER_BYTES if member_cap is None else member_cap
-    dest = Path(dest).absolute()
+    dest = (work / "data").absolute()
     if any(c in str(dest) for c in ("::", "{", "}")) or str(dest).startswith("pipe:"):
         raise TrainError(f"work directory {dest} has a name open_clip_train would expand; move the project")
     dest.mkdir(parents=True, exist_ok=True)
@@ -131,10 +131,8 @@ def sanitize_shards(data: str, dest: str | Path, max_pixels: int | None = None,
         src = Path(url)
         if not src.is_file():
             raise TrainError(f"training shard {url} not found")
-        out, done = dest / f"{i:08d}.tar", dest / f"{i:08d}.json"
-        if done.exists() and (out.exists() or out.is_symlink()):
-            st = read_json(done)
-        else:
+        out = dest / f"{i:08d}.tar"
+        if (st := work.done(f"data-{i:08d}")) is None or not (out.exists() or out.is_symlink()):
             st = _scan(src, None, max_pixels, member_cap)
             out.unlink(missing_ok=True)
             if st["dropped"] or st["error"]:
@@ -144,7 +142,7 @@ def sanitize_shards(data: str, dest: str | Path, max_pixels: int | None = None,
             else:
                 os.symlink(src.absolute(), out)
                 st["copied"] = False
-            write_json(done, st)
+            work.mark(f"data-{i:08d}", st)
         totals["shards"] += 1
         totals["copied"] += int(st["copied"])
         for k in ("members", "kept", "samples"):
@@ -189,17 +187,18 @@ def open_clip_args(*, data: str, model: str, samples_seen: int, global_batch: in
 
 
 def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr: float, warmup: int,
-               wd: float, beta2: float, checkpoints: int, out_dir: str | Path, work_dir: str | Path,
-               data_id: str, seed: int = 0, workers: int = 0) -> dict:
+               wd: float, beta2: float, checkpoints: int, out_dir: str | Path, job: str = "train",
+               work_root: str | Path = WORK_ROOT, seed: int = 0, workers: int = 0) -> dict:
     """Train and write ``out_dir/checkpoint.pt`` (state_dict only). Returns the loss curve.
 
-    open_clip_train's logs and checkpoints live in ``work_dir/<key>``, where the key hashes the
-    arguments and ``data_id`` (what identifies the training data): a killed run resumes from its
-    latest checkpoint when called again with the same inputs; other keys' leftovers are removed, and
-    the work directory goes once the checkpoint is written. open_clip_train reads only what
-    :func:`sanitize_shards` lets through (``work_dir/<key>/data``); the result's ``sanitized`` says
-    what was dropped.
+    A job of one unit (winnow.jobs): open_clip_train's logs and checkpoints live in its work
+    directory, keyed by the arguments, the model config's content, the training shards' content and
+    the code: a killed run resumes from its latest checkpoint when called again with the same
+    inputs; other keys' leftovers are removed, and the work directory goes once the checkpoint is
+    written. open_clip_train reads only what :func:`sanitize_shards` lets through (``data/`` in the
+    work directory); the result's ``sanitized`` says what was dropped.
     """
+
     from open_clip_train.main import main as open_clip_train_main
 
     register_configs()
@@ -209,9 +208,9 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
                           precision="amp_bf16" if torch.cuda.is_available() else "fp32")
     args += ["--log-every-n-steps", "1"]
     per_epoch = samples_per_checkpoint(samples_seen, batch_size, checkpoints)
-    key = hashlib.sha256(json.dumps({"args": args, "data": data_id}).encode()).hexdigest()[:16]
-    logs = keyed_work_dir(work_dir, key)
-    safe_data, sanitized = sanitize_shards(data, logs / "data")
+    work = WorkDir(job, work_key(job, args, model, data), work_root)
+    logs = work.path
+    safe_data, sanitized = sanitize_shards(data, work)
     args[args.index("--train-data") + 1] = safe_data
     _repair_latest(logs / "run" / "checkpoints")
     args += ["--logs", str(logs), "--name", "run"]
@@ -241,9 +240,22 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     curve = parse_log(log_text, per_epoch)
     resumed = [int(m) for m in re.findall(r"=> resuming checkpoint .*\(epoch (\d+)\)", log_text)]
     shutil.copyfile(logs / "run" / "out.log", out / "train.log")
-    release_work_dir(work_dir, key)
+    work.mark("train", {"steps": len(curve)})
+    work.release()
     return {"checkpoint": str(out / "checkpoint.pt"), "curve": curve, "steps": len(curve),
             "samples_per_epoch": per_epoch, "resumed_from_epochs": resumed, "sanitized": sanitized}
+
+
+def work_key(job: str, args: list[str], model: str, data: str) -> Key:
+    """A training run's inputs: open_clip_train's arguments, the model config's content (a custom
+    one in configs/models may change under the same name), the shards' content and the code."""
+    import open_clip
+
+    register_configs()
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise TrainError(f"unknown model '{model}': no open_clip config (configs/models or open_clip's own)")
+    return Key(job).params(args=args, model_config=config).files(data=expand_shards(data)).code(__name__)
 
 
 def _checkpoint_epoch(path: Path) -> int | None:

@@ -7,10 +7,11 @@ shard at a time.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from winnow.config import ParamsError
 from winnow.filters.base import Step, register
@@ -110,34 +111,32 @@ class Retrieval(Step):
     k: int = Field(20, ge=1)
     mode: Literal["keep", "upsample"] = "keep"
     factor: int = Field(2, ge=2)
-    _hits: dict = PrivateAttr(default_factory=dict)
-    _nq: int = PrivateAttr(0)
-    _q: np.ndarray | None = PrivateAttr(None)
 
     def requires(self):
         return [], [self.key]
 
     fit_passes = 1      # each shard's top-k per query on the executor; the driver merges them in pool order
 
-    def fit_begin(self, pool) -> None:
-        self._q = np.concatenate([_targets(pool, self.tasks, "img" if m == "image" else "txt") for m in self.queries])
-        self._nq = len(self._q)
+    def fit_begin(self, pool) -> np.ndarray:
+        """The queries."""
+        return np.concatenate([_targets(pool, self.tasks, "img" if m == "image" else "txt") for m in self.queries])
 
-    def fit_shard(self, batch, alive: np.ndarray, pass_no: int):
+    def fit_shard(self, batch, alive: np.ndarray, pass_no: int, queries: np.ndarray):
         """(shard, each query's top-k survivor scores, their rows) — nothing when no survivor."""
         e = batch.embedding(self.key)
-        _check_width(e, self._q.shape[1], batch.shard, self.key, "the task targets")
+        _check_width(e, queries.shape[1], batch.shard, self.key, "the task targets")
         rows = np.flatnonzero(alive & np.isfinite(e).all(axis=1))
         if not len(rows):
             return batch.shard, None, None
-        s = self._q @ e[rows].T
+        s = queries @ e[rows].T
         take = min(self.k, len(rows))
         top = np.argpartition(-s, take - 1, axis=1)[:, :take]
         return batch.shard, np.take_along_axis(s, top, 1), rows[top]
 
-    def fit_reduce(self, parts, pass_no: int) -> None:
-        best_s = np.full((self._nq, 0), -np.inf, np.float32)
-        best_i = np.zeros((self._nq, 0, 2), np.int64)
+    def fit_reduce(self, parts, pass_no: int, queries: np.ndarray) -> "Hits":
+        nq = len(queries)
+        best_s = np.full((nq, 0), -np.inf, np.float32)
+        best_i = np.zeros((nq, 0, 2), np.int64)
         shards = []
         for k, (shard, s, rows) in enumerate(parts):
             shards.append(shard)
@@ -150,42 +149,59 @@ class Retrieval(Step):
             best_s = np.take_along_axis(cand_s, order, 1)
             best_i = np.take_along_axis(cand_i, order[..., None], 1)
         hits = np.unique(best_i.reshape(-1, 2), axis=0)
-        self._hits = {shards[k]: hits[hits[:, 0] == k, 1] for k in np.unique(hits[:, 0])}
-        self._q = None      # queries are not needed to decide
+        return Hits({shards[k]: hits[hits[:, 0] == k, 1] for k in np.unique(hits[:, 0])}, nq)
 
-    def keep(self, batch) -> np.ndarray:
-        hit = np.isin(batch.positions(), self._hits.get(batch.shard, []))
+    def keep(self, batch, fitted: "Hits" = None) -> np.ndarray:
+        hit = np.isin(batch.positions(), fitted.rows.get(batch.shard, []))
         if self.mode == "keep":
             return hit
         return np.where(hit, self.factor, 1).astype(np.int64)
 
-    def state(self) -> dict:
-        return {"queries": self._nq, "retrieved": int(sum(len(v) for v in self._hits.values()))}
+    def report(self, fitted: "Hits") -> dict:
+        return {"queries": fitted.queries, "retrieved": int(sum(len(v) for v in fitted.rows.values()))} if fitted else {}
+
+
+@dataclass
+class Hits:
+    """Retrieval's fitted value: the retrieved rows (shard -> row indices), and how many queries."""
+    rows: dict
+    queries: int
+
+
+@dataclass
+class Clusters:
+    """A k-means step's state: the survivor sample while it is drawn, then the centroids and what the
+    step derives from them (target clusters; per-cluster keep rates and repeats)."""
+    sample: SurvivorSample | None = None
+    targets: np.ndarray | None = None
+    centroids: np.ndarray | None = None
+    keep: np.ndarray | None = None
+    keep_rate: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    repeat: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 class _KMeansStep(Step):
     """A global step whose fit starts with k-means over a sample of the survivors' image embeddings:
     passes 0-1 draw the sample (SurvivorSample) on the executor, the driver fits the centroids.
-    Subclasses declare ``key``, ``clusters``, ``sample``, ``seed`` and continue in ``fitted``
-    (driver) or in further passes."""
+    Subclasses declare ``key``, ``clusters``, ``sample``, ``seed`` and continue in ``clustered``
+    (driver) or in further passes. The state is a :class:`Clusters`."""
     is_global = True
     fit_passes = 2
-    _centroids: np.ndarray | None = PrivateAttr(None)
-    _sample: SurvivorSample | None = PrivateAttr(None)
 
-    def fit_begin(self, pool) -> None:
-        self._sample = SurvivorSample(self.key, self.sample, self.seed)
+    def fit_begin(self, pool) -> Clusters:
+        return Clusters(sample=SurvivorSample(self.key, self.sample, self.seed))
 
-    def fit_shard(self, batch, alive: np.ndarray, pass_no: int):
-        return self._sample.part(batch, alive, pass_no)
+    def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: Clusters):
+        return state.sample.part(batch, alive, pass_no)
 
-    def fit_reduce(self, parts, pass_no: int) -> None:
-        x = self._sample.reduce(parts, pass_no)
+    def fit_reduce(self, parts, pass_no: int, state: Clusters) -> Clusters:
+        x = state.sample.reduce(parts, pass_no)
         if pass_no == 1:
-            self._centroids, self._sample = _kmeans(x, self.clusters, self.seed), None
-            self.fitted()
+            state.centroids, state.sample = _kmeans(x, self.clusters, self.seed), None
+            self.clustered(state)
+        return state
 
-    def fitted(self) -> None:
+    def clustered(self, state: Clusters) -> None:
         """Driver-side work once the centroids are known."""
 
 
@@ -199,31 +215,30 @@ class ImageClusters(_KMeansStep):
     clusters: int = Field(100, ge=1)
     sample: int = Field(100_000, ge=1)
     seed: int = 0
-    _keep: np.ndarray | None = PrivateAttr(None)
-    _targets: np.ndarray | None = PrivateAttr(None)
 
     def requires(self):
         return [], [self.key]
 
-    def fit_begin(self, pool) -> None:
-        self._targets = _targets(pool, self.tasks, "img")     # fails before any pass when missing
-        super().fit_begin(pool)
+    def fit_begin(self, pool) -> Clusters:
+        state = super().fit_begin(pool)
+        state.targets = _targets(pool, self.tasks, "img")     # fails before any pass when missing
+        return state
 
-    def fitted(self) -> None:
-        if self._centroids is None:            # earlier steps kept nothing: keep nothing
-            self._keep = np.zeros(0, int)
+    def clustered(self, state: Clusters) -> None:
+        if state.centroids is None:            # earlier steps kept nothing: keep nothing
+            state.keep = np.zeros(0, int)
         else:
-            _check_width(self._targets, self._centroids.shape[1], "(targets)", "img targets", "the pool's embeddings")
-            a = _assign(self._targets, self._centroids)
-            self._keep = np.unique(a[a >= 0])
-        self._targets = None
+            _check_width(state.targets, state.centroids.shape[1], "(targets)", "img targets", "the pool's embeddings")
+            a = _assign(state.targets, state.centroids)
+            state.keep = np.unique(a[a >= 0])
+        state.targets = None     # not needed to decide: the workers need not receive them
 
-    def keep(self, batch) -> np.ndarray:
-        return np.isin(_assign(batch.embedding(self.key), self._centroids, batch.shard, self.key), self._keep)
+    def keep(self, batch, fitted: Clusters = None) -> np.ndarray:
+        return np.isin(_assign(batch.embedding(self.key), fitted.centroids, batch.shard, self.key), fitted.keep)
 
-    def state(self) -> dict:
-        return {"clusters": 0 if self._centroids is None else len(self._centroids),
-                "target_clusters": 0 if self._keep is None else len(self._keep)}
+    def report(self, fitted: Clusters) -> dict:
+        return {"clusters": 0 if fitted.centroids is None else len(fitted.centroids),
+                "target_clusters": 0 if fitted.keep is None else len(fitted.keep)} if fitted else {}
 
 
 @register
@@ -239,47 +254,46 @@ class Rebalance(_KMeansStep):
     cap: float = Field(3.0, gt=0)
     max_repeat: int = Field(2, ge=1)
     seed: int = 0
-    _keep_rate: np.ndarray | None = PrivateAttr(None)
-    _repeat: np.ndarray | None = PrivateAttr(None)
 
     def requires(self):
         return ["uid"], [self.key]
 
     fit_passes = 3      # the survivor sample (2 passes), k-means in the driver, then cluster sizes
 
-    def fit_shard(self, batch, alive: np.ndarray, pass_no: int):
+    def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: Clusters):
         if pass_no < 2:
-            return super().fit_shard(batch, alive, pass_no)
-        if self._centroids is None:
+            return super().fit_shard(batch, alive, pass_no, state)
+        if state.centroids is None:
             return np.zeros(0, np.int64)
-        a = _assign(batch.embedding(self.key), self._centroids, batch.shard, self.key)[alive]
-        return np.bincount(a[a >= 0], minlength=len(self._centroids))
+        a = _assign(batch.embedding(self.key), state.centroids, batch.shard, self.key)[alive]
+        return np.bincount(a[a >= 0], minlength=len(state.centroids))
 
-    def fit_reduce(self, parts, pass_no: int) -> None:
+    def fit_reduce(self, parts, pass_no: int, state: Clusters) -> Clusters:
         if pass_no < 2:
-            return super().fit_reduce(parts, pass_no)
-        counts = np.zeros(0 if self._centroids is None else len(self._centroids), np.int64)
+            return super().fit_reduce(parts, pass_no, state)
+        counts = np.zeros(0 if state.centroids is None else len(state.centroids), np.int64)
         for c in parts:
             counts += c
         median = float(np.median(counts[counts > 0])) if (counts > 0).any() else 0.0
         limit = self.cap * median
-        self._keep_rate = np.where(counts > limit, limit / np.maximum(counts, 1), 1.0)
-        self._repeat = np.clip(np.round(median / np.maximum(counts, 1)), 1, self.max_repeat).astype(np.int64)
+        state.keep_rate = np.where(counts > limit, limit / np.maximum(counts, 1), 1.0)
+        state.repeat = np.clip(np.round(median / np.maximum(counts, 1)), 1, self.max_repeat).astype(np.int64)
+        return state
 
-    def keep(self, batch) -> np.ndarray:
+    def keep(self, batch, fitted: Clusters = None) -> np.ndarray:
         from winnow.pool import uids as U
 
-        c = _assign(batch.embedding(self.key), self._centroids, batch.shard, self.key)
-        if self._centroids is None or not len(self._keep_rate):      # nothing was clustered: keep nothing
+        c = _assign(batch.embedding(self.key), fitted.centroids, batch.shard, self.key)
+        if fitted.centroids is None or not len(fitted.keep_rate):      # nothing was clustered: keep nothing
             return np.zeros(len(c), np.int64)
         u = U.hex_to_array(batch.column("uid"), sort=False)["f1"].astype(np.float64) / 2.0**64
         ok = c >= 0
         cc = np.where(ok, c, 0)
-        keep = ok & (u < self._keep_rate[cc])
-        return np.where(keep, self._repeat[cc], 0).astype(np.int64)
+        keep = ok & (u < fitted.keep_rate[cc])
+        return np.where(keep, fitted.repeat[cc], 0).astype(np.int64)
 
-    def state(self) -> dict:
-        if self._keep_rate is None:
+    def report(self, fitted: Clusters) -> dict:
+        if fitted is None:
             return {}
-        return {"clusters": len(self._keep_rate), "capped_clusters": int((self._keep_rate < 1).sum()),
-                "upsampled_clusters": int((self._repeat > 1).sum())}
+        return {"clusters": len(fitted.keep_rate), "capped_clusters": int((fitted.keep_rate < 1).sum()),
+                "upsampled_clusters": int((fitted.repeat > 1).sum())}

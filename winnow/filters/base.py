@@ -1,14 +1,17 @@
 """The step interface and registry of the filter engine.
 
-A step is a pydantic model (its fields are the recipe parameters, validated before any data is
-read). Per-sample steps implement ``keep(batch) -> bool mask`` vectorised over one shard. Global
-steps (``is_global``) first see the whole pool in ``fit(pool, alive)`` — ``alive(shard)`` is the
-mask of samples that survived the earlier steps — and keep only small state (a threshold,
-centroids, target embeddings), then decide per shard like any other step. A global step whose fit
-is a map over shards plus a reduce declares ``fit_passes`` and implements ``fit_shard`` (run on
-the executor, in parallel) and ``fit_reduce`` (in the driver). Steps that up-sample
-return integer multiplicities instead of a bool mask. ``explain(batch)`` returns the scores a
-step decided on, recorded in decisions.parquet.
+A step is a pydantic model: its fields are the recipe parameters, validated before any data is
+read, and never changed afterwards. Per-sample steps implement ``keep(batch) -> bool mask``
+vectorised over one shard. Global steps (``is_global``) first see the pool and return what they
+learned — a *fitted* value (a threshold, centroids, rows to drop) — which the engine hands back to
+``keep(batch, fitted)`` and ``explain(batch, fitted)`` and shows in the funnel through
+``report(fitted)``. A global step either implements ``fit(pool, alive) -> fitted`` (``alive(shard)``
+is the mask of samples that survived the earlier steps), or declares ``fit_passes`` and
+implements a map-reduce: ``fit_begin(pool) -> state``, then per pass ``fit_shard(batch, alive,
+pass_no, state)`` on the executor and ``fit_reduce(parts, pass_no, state) -> state`` in the
+driver; the last pass's state is the fitted value. Steps that up-sample return integer
+multiplicities instead of a bool mask. ``explain`` returns the scores a step decided on,
+recorded in decisions.parquet.
 """
 from __future__ import annotations
 
@@ -39,32 +42,32 @@ class Step(BaseModel):
     def needs_fit(self) -> bool:
         return self.is_global
 
-    def fit(self, pool, alive) -> None:
-        """Global steps: compute state over the pool, one shard at a time; ``alive(shard)`` is the
-        bool mask of that shard's samples kept by the steps before this one."""
+    def fit(self, pool, alive):
+        """Global steps without ``fit_passes``: the fitted value, computed over the pool one shard at
+        a time; ``alive(shard)`` is the bool mask of that shard's samples kept by the steps before."""
 
     fit_passes: ClassVar[int] = 0    # > 0: fit is fit_shard mapped over shards + fit_reduce, this many times
 
-    def fit_begin(self, pool) -> None:
-        """Driver-side set-up before a map-reduce fit's first pass (e.g. load the task targets)."""
+    def fit_begin(self, pool):
+        """Driver-side set-up before a map-reduce fit's first pass: the initial state."""
 
-    def fit_shard(self, batch, alive: np.ndarray, pass_no: int):
+    def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state):
         """One shard's part of a map-reduce fit (small: counts, a histogram), computed on a worker."""
         raise NotImplementedError
 
-    def fit_reduce(self, parts, pass_no: int) -> None:
-        """Combine the shards' parts (an iterator, in shard order) into the step's state."""
+    def fit_reduce(self, parts, pass_no: int, state):
+        """Combine the shards' parts (an iterator, in shard order) into the next state."""
         raise NotImplementedError
 
-    def explain(self, batch) -> dict[str, np.ndarray]:
+    def explain(self, batch, fitted=None) -> dict[str, np.ndarray]:
         """Per-sample scores this step decided on (recorded in decisions.parquet)."""
         return {}
 
-    def keep(self, batch) -> np.ndarray:
+    def keep(self, batch, fitted=None) -> np.ndarray:
         raise NotImplementedError
 
-    def state(self) -> dict:
-        """What ``fit`` learned, for the funnel report."""
+    def report(self, fitted) -> dict:
+        """What the fit learned, for the funnel."""
         return {}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import PrivateAttr, model_validator
+from pydantic import model_validator
 
 from winnow.filters.base import Step, register
 
@@ -90,7 +90,6 @@ class ClipScore(Step):
     threshold: float | None = None
     fraction: float | None = None
     over: Literal["pool", "survivors"] = "pool"   # DataComp ranks the whole pool
-    _select: TopFractionSelect | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _one_of_each(self):
@@ -117,27 +116,26 @@ class ClipScore(Step):
 
     fit_passes = 2      # exact top-fraction threshold: two map-reduce passes (TopFractionSelect)
 
-    def fit_begin(self, pool) -> None:
-        self._select = TopFractionSelect(self.fraction)     # travels to the workers with the step
+    def fit_begin(self, pool) -> TopFractionSelect:
+        return TopFractionSelect(self.fraction)     # travels to the workers with the step
 
-    def fit_shard(self, batch, alive: np.ndarray, pass_no: int):
+    def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: TopFractionSelect):
         s = self.scores(batch)
-        return self._select.part(s[alive] if self.over == "survivors" else s, pass_no)
+        return state.part(s[alive] if self.over == "survivors" else s, pass_no)
 
-    def fit_reduce(self, parts, pass_no: int) -> None:
-        t = self._select.reduce(parts, pass_no)
-        if pass_no == 1:
-            self.threshold, self._select = t, None
+    def fit_reduce(self, parts, pass_no: int, state: TopFractionSelect):
+        t = state.reduce(parts, pass_no)
+        return state if pass_no == 0 else t     # fitted: the threshold
 
-    def keep(self, batch) -> np.ndarray:
+    def keep(self, batch, fitted: float | None = None) -> np.ndarray:
         s = self.scores(batch)
-        return np.isfinite(s) & (s >= self.threshold)
+        return np.isfinite(s) & (s >= (self.threshold if fitted is None else fitted))
 
-    def explain(self, batch) -> dict:
+    def explain(self, batch, fitted=None) -> dict:
         return {"score": self.scores(batch)}
 
-    def state(self) -> dict:
-        return {"threshold": self.threshold}
+    def report(self, fitted) -> dict:
+        return {"threshold": self.threshold if fitted is None else fitted}
 
 
 @register
@@ -166,11 +164,11 @@ class FlipScore(Step):
     def requires(self):
         return [self.score, self.flip_score], []
 
-    def explain(self, batch) -> dict:
+    def explain(self, batch, fitted=None) -> dict:
         return {"score": batch.column(self.score).astype(np.float32),
                 "flip_score": batch.column(self.flip_score).astype(np.float32)}
 
-    def keep(self, batch) -> np.ndarray:
+    def keep(self, batch, fitted=None) -> np.ndarray:
         s, f = self.explain(batch).values()
         if self.mode == "drop":
             ok = (s - f) <= self.max_drop

@@ -9,10 +9,12 @@ the column and the count.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from winnow.filters.base import Step, register
 from winnow.pool import uids as U
@@ -43,12 +45,21 @@ def digest_keys(values: pa.Array | pa.ChunkedArray, shard: str, column: str) -> 
     return keys, null
 
 
-class _DropsRows(Step):
-    """A global dedup step: ``fit`` fills ``_drop`` (shard -> row indices); ``keep`` applies it."""
-    _drop: dict = PrivateAttr(default_factory=dict)
+@dataclass
+class Drops:
+    """A dedup step's fitted value: the rows to drop (shard -> row indices) and counts for the funnel."""
+    rows: dict
+    counts: dict
 
-    def keep(self, batch) -> np.ndarray:
-        return ~np.isin(batch.positions(), self._drop.get(batch.shard, []))
+
+class _DropsRows(Step):
+    """A global dedup step: ``fit`` returns Drops; ``keep`` applies them."""
+
+    def keep(self, batch, fitted: Drops | None = None) -> np.ndarray:
+        return ~np.isin(batch.positions(), fitted.rows.get(batch.shard, []))
+
+    def report(self, fitted: Drops | None) -> dict:
+        return fitted.counts if fitted else {}
 
 
 @register
@@ -56,21 +67,19 @@ class DedupExact(_DropsRows):
     """Keep the first survivor (pool order) of each group of byte-identical images (``sha256``)."""
     kind = "dedup_exact"
     column: str = "sha256"
-    _groups: int = PrivateAttr(0)
-    _nulls: int = PrivateAttr(0)
     is_global = True
 
     def requires(self):
         return [self.column], []
 
-    def fit(self, pool, alive) -> None:
+    def fit(self, pool, alive) -> Drops:
         keys, owners = [], []
-        self._nulls = 0
+        nulls = 0
         for k, shard in enumerate(pool.shards):
             # the first 64 bits of the hex digest identify an image among billions; ints sort fast
             h, null = digest_keys(pool.batch(shard).arrow(self.column), shard, self.column)
             rows = np.flatnonzero(alive(shard))
-            self._nulls += int(null[rows].sum())
+            nulls += int(null[rows].sum())
             rows = rows[~null[rows]]                 # an unknown digest is unique: never grouped
             keys.append(h[rows])
             owners.append(np.stack([np.full(len(rows), k), rows], axis=1))
@@ -80,13 +89,8 @@ class DedupExact(_DropsRows):
         first = np.ones(len(order), bool)
         first[1:] = keys[order][1:] != keys[order][:-1]
         dup = owners[order][~first]
-        self._groups = int(first.sum())
-        self._drop = {pool.shards[k]: dup[dup[:, 0] == k, 1] for k in np.unique(dup[:, 0])}
-
-
-    def state(self) -> dict:
-        return {"unique_images": self._groups, "duplicates": int(sum(len(v) for v in self._drop.values())),
-                "null_hashes": self._nulls}
+        return Drops({pool.shards[k]: dup[dup[:, 0] == k, 1] for k in np.unique(dup[:, 0])},
+                     {"unique_images": int(first.sum()), "duplicates": int(len(dup)), "null_hashes": nulls})
 
 
 @register
@@ -103,14 +107,14 @@ class DedupNear(_DropsRows):
     embedding: str = "scorer_img"
     threshold: float = Field(0.95, gt=0, le=1)
     block: int = Field(4096, ge=1)
-    _unique: int = PrivateAttr(0)
     is_global = True
 
     def requires(self):
         return [], [self.embedding]
 
-    def fit(self, pool, alive) -> None:
+    def fit(self, pool, alive) -> Drops:
         kept = np.zeros((0, 0), np.float16)
+        drops = {}
         for shard in pool.shards:
             rows = np.flatnonzero(alive(shard))
             e = pool.batch(shard).embedding(self.embedding)[rows]
@@ -133,9 +137,5 @@ class DedupNear(_DropsRows):
                 kept = chunk[fresh].astype(np.float16) if not kept.size else np.concatenate([kept, chunk[fresh].astype(np.float16)])
                 drop.append(rows[i: i + self.block][dup])
             if drop and (d := np.concatenate(drop)).size:
-                self._drop[shard] = d
-        self._unique = int(len(kept))
-
-
-    def state(self) -> dict:
-        return {"unique_images": self._unique, "near_duplicates": int(sum(len(v) for v in self._drop.values()))}
+                drops[shard] = d
+        return Drops(drops, {"unique_images": int(len(kept)), "near_duplicates": int(sum(len(v) for v in drops.values()))})

@@ -9,11 +9,11 @@ map-reduce passes on the executor where they can. Memory is a shard plus global 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import tempfile
+import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from winnow import io as wio
-from winnow.compute import map_shards, run_with
+from winnow import jobs
 from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
+from winnow.executor import SERIAL, Executor
 from winnow.filters import Step, build_step
-from winnow.io import atomic_file, keyed_work_dir, local
+from winnow.io import atomic_file, local
 from winnow.pool import uids as U
 from winnow.pool.shards import ShardError
 from winnow.pool.view import Pool
@@ -142,13 +142,12 @@ def _probe(recipe: Recipe, pool: Pool, shard: str) -> tuple[str | None, list[str
     return None, have
 
 
-def probe_shards(recipe: Recipe, pool: Pool, executor: str = "serial", workers: int = 1,
-                 address: str | None = None) -> tuple[Pool, list[dict]]:
+def probe_shards(recipe: Recipe, pool: Pool, executor: Executor = SERIAL) -> tuple[Pool, list[dict]]:
     """A shard that cannot be read fails the run naming it, or — when the recipe says
     ``corrupt_shards: quarantine`` — is left out and reported with its error. So does a shard that
     lacks an input the first readable shard has (one the pool lacks altogether is named, with the
     valid choices, by check_requirements)."""
-    results = list(map_shards(_probe, [(recipe, pool, s) for s in pool.shards], executor, workers, address))
+    results = list(executor.map(_probe, [(recipe, pool, s) for s in pool.shards]))
     errors = [e for e, _ in results]
     first = next((have for e, have in results if e is None), [])
     for k, (e, have) in enumerate(results):
@@ -236,70 +235,71 @@ def with_download_gate(recipe: Recipe, pool: Pool) -> Recipe:
     return recipe
 
 
-def _decide(steps: list[Step], batch, alive: np.ndarray, decide: str) -> list[np.ndarray]:
-    """Each step's verdicts on one shard. ``survivors``: a step decides only the samples every step
+def _decide(steps: list[Step], fitted: list, batch, alive: np.ndarray, decide: str) -> tuple[list[np.ndarray], list[float]]:
+    """Each step's verdicts on one shard, and the seconds each took. ``survivors``: a step decides only the samples every step
     before it kept (so language id never runs on what a cheap size check already dropped); ``all``:
     every step decides every sample, so each step's standalone effect is known — except that a step
     reading image-derived values never sees a sample without an image (download layout)."""
     alive, shard = alive.copy(), batch.shard
-    out = []
-    for step in steps:
+    out, seconds = [], []
+    for step, fit in zip(steps, fitted):
+        t0 = time.perf_counter()
         image_rows = batch.column("downloaded").astype(bool) if _needs_image(step, batch) else None
         if decide == "all" and image_rows is None:
-            v = _encode(step, step.keep(batch), len(batch), shard)
+            v = _encode(step, step.keep(batch, fit), len(batch), shard)
         else:
             mask = alive if decide != "all" else np.ones(len(batch), bool)
             rows = np.flatnonzero(mask if image_rows is None else mask & image_rows)
             v = np.full(len(batch), UNDECIDED, np.int8)
             if len(rows):
-                r = _encode(step, step.keep(batch.select(rows)), len(rows), shard)
+                r = _encode(step, step.keep(batch.select(rows), fit), len(rows), shard)
                 v = v.astype(r.dtype)
                 v[rows] = r
         alive &= v > 0
         out.append(v)
-    return out
+        seconds.append(time.perf_counter() - t0)
+    return out, seconds
 
 
-def _verdicts(steps: list[Step], batch, alive: np.ndarray, done: str, decide: str) -> list[np.ndarray]:
-    """A group of steps' verdicts on one shard (``alive``: what the groups before kept), saved to
-    ``done`` in the run's work directory (read back if it is there: a killed filter resumes without
-    redoing finished shards)."""
-    if Path(done).exists():
-        return _load(done)
-    out = _decide(steps, batch, alive, decide)
-    with atomic_file(done) as tmp, open(tmp, "wb") as fh:
+def _prior(work: Path, starts: list[int], shard: str) -> list[str]:
+    """The verdict files of the groups (by start index) already decided for this shard."""
+    return [str(work / f"{i}-{shard}.npz") for i in starts]
+
+
+def _decide_group(steps: list[Step], fitted: list, start: int, starts: list[int], pool: Pool, work: Path,
+                  decide: str, unit: str) -> dict:
+    """One group's verdicts on one shard (a unit of a pass), written to the work directory."""
+    batch = pool.batch(unit)
+    out, seconds = _decide(steps, fitted, batch, _alive(_prior(work, starts, unit), len(batch)), decide)
+    with atomic_file(work / f"{start}-{unit}.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{f"v{i}": v for i, v in enumerate(out)})
-    return out
+    return {"seconds": seconds}
 
 
-def _decide_group(steps, pool, shard, prior, done, decide) -> None:
-    batch = pool.batch(shard)
-    _verdicts(steps, batch, _alive(prior, len(batch)), done, decide)
+def _fit_part(step: Step, state, pool: Pool, work: Path, starts: list[int], pass_no: int, unit: str):
+    batch = pool.batch(unit)
+    return step.fit_shard(batch, _alive(_prior(work, starts, unit), len(batch)), pass_no, state)
 
 
-def _fit_part(step: Step, pool: Pool, shard: str, prior: list[str], pass_no: int):
-    batch = pool.batch(shard)
-    return step.fit_shard(batch, _alive(prior, len(batch)), pass_no)
-
-
-def _finish(recipe: Recipe, pool: Pool, shard: str, prior: list[str], done: str | None, start: int,
-            decide: str) -> dict:
-    """The last group's verdicts, then the shard's rows of decisions.parquet, its kept uids (repeated
-    per multiplicity) and its funnel counts — all on the worker, so the driver only writes."""
+def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[int], last: int, decide: str,
+            unit: str) -> dict:
+    """The last group's verdicts on one shard, then the shard's rows of decisions.parquet and its
+    kept uids (repeated per multiplicity), written to the work directory, and its funnel counts —
+    all on the worker, in one read of the shard; the driver merges."""
     steps, labels = recipe.steps, recipe.labels()
-    batch = pool.batch(shard)
-    vs = [v for f in prior for v in _load(f)]          # the earlier groups' verdicts, read once
-    if done:
-        vs += _verdicts(steps[start:], batch, _kept(vs, len(batch)), done, decide)
+    batch = pool.batch(unit)
+    vs = [v for f in _prior(work, starts, unit) for v in _load(f)]   # the earlier groups' verdicts, read once
+    last_vs, seconds = _decide(steps[last:], fitted[last:], batch, _kept(vs, len(batch)), decide)
+    vs += last_vs
     uid = batch.column("uid")
     n = len(uid)
     cols: dict = {"uid": uid}
-    for lab, step in zip(labels, steps):
-        for k, v in step.explain(batch).items():
+    for lab, step, fit in zip(labels, steps, fitted):
+        for k, v in step.explain(batch, fit).items():
             cols[f"{k}:{lab}"] = np.asarray(v)
     alive, mult = np.ones(n, bool), np.ones(n, np.int64)
     dropped_by = np.full(n, None, dtype=object)
-    counts = {"after": [], "decided": [], "dropped": []}
+    counts = {"n": n, "after": [], "decided": [], "dropped": [], "seconds": seconds}
     for lab, v in zip(labels, vs):
         keep, decided = v > 0, v != UNDECIDED
         if v.dtype == np.int32:          # a multiplicity step
@@ -314,40 +314,44 @@ def _finish(recipe: Recipe, pool: Pool, shard: str, prior: list[str], done: str 
     if pool.is_download:   # selected by the metadata but never downloaded: reshard cannot write them
         image = batch.column("downloaded").astype(bool)
         counts["download"] = {"downloaded": int(image.sum()), "kept_without_image": int((alive & ~image).sum())}
-    cols.update(shard=pa.array(np.full(n, shard), pa.string()), dropped_by=pa.array(dropped_by, pa.string()),
+    cols.update(shard=pa.array(np.full(n, unit), pa.string()), dropped_by=pa.array(dropped_by, pa.string()),
                 multiplicity=mult)
-    kept = U.hex_to_array(np.repeat(uid[alive], mult[alive]), sort=False)
-    return {"table": pa.table(cols), "kept": kept, "n": n, **counts}
+    with atomic_file(work / f"decisions-{unit}.parquet") as tmp:
+        pq.write_table(pa.table(cols), tmp)
+    with atomic_file(work / f"kept-{unit}.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, U.hex_to_array(np.repeat(uid[alive], mult[alive]), sort=False), allow_pickle=False)
+    return counts
 
 
-def run(recipe: Recipe, pool: Pool, out_dir: str, executor: str = "serial", workers: int = 1,
-        address: str | None = None, work_dir: str | None = None, decide: str = "survivors") -> dict:
+def run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor = SERIAL, work_root: str | None = None,
+        decide: str = "survivors") -> dict:
     """Decide every sample, step by step, and write uids.npy + decisions.parquet. Returns the funnel.
 
     Consecutive per-sample steps share one pass over the shards; a global step first fits on the
-    survivors of the steps before it. Per-shard verdicts live in the run's work directory (a
-    temporary one without ``work_dir``), never in the driver's memory.
+    survivors of the steps before it. Each pass is a job whose units are shards: per-shard verdicts
+    live in the run's work directory (keyed by every input, winnow.jobs; a temporary one without
+    ``work_root``), never in the driver's memory, and a killed run resumes from them.
     """
     if decide not in DECIDE:
         raise ParamsError(f"unknown filter.decide '{decide}' (valid: {', '.join(DECIDE)})")
-    tmp = None if work_dir else tempfile.mkdtemp(prefix="winnow-filter-")
+    tmp = None if work_root else tempfile.mkdtemp(prefix="winnow-filter-")
     try:      # on dask: one Prefect flow run, each shard of each pass a task run of it
-        return run_with(executor, workers, address, f"winnow-filter-{recipe.name}", _run, recipe, pool, out_dir,
-                        executor, workers, address, work_dir or tmp, tmp is None, decide)
+        return executor.drive(f"winnow-filter-{recipe.name}", _run, recipe, pool, out_dir, executor,
+                              work_root or tmp, decide)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _work(recipe: Recipe, pool: Pool, work_dir: str, decide: str) -> Path:
-    """The run's work directory, keyed by the recipe (every step's parameters), the mode and the
-    inputs' manifests; other keys' leftovers are removed."""
-    inputs = [json.dumps(recipe.model_dump(mode="json", exclude={"steps"}), sort_keys=True),
-              json.dumps([s.kind for s in recipe.steps] + [s.model_dump(mode="json") for s in recipe.steps], sort_keys=True),
-              json.dumps(pool.manifest, sort_keys=True), pool.uri, decide]
-    if pool.embed_uri and wio.exists(m := wio.join(pool.embed_uri, "meta.json")):
-        inputs.append(wio.read_bytes(m).decode())
-    return keyed_work_dir(work_dir, hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16])
+def work_key(recipe: Recipe, pool: Pool, decide: str) -> jobs.Key:
+    """Every input of a filter run: the recipe (each step's kind and parameters), the mode, the
+    content of the pool's files, the embed stage's outputs and the target files, and the code."""
+    key = jobs.Key("filter").params(recipe=recipe.model_dump(mode="json", exclude={"steps"}),
+                                    steps=[[s.kind, s.model_dump(mode="json")] for s in recipe.steps], decide=decide,
+                                    manifest=pool.manifest)
+    return key.files(pool=pool.uri, images=pool.images_uri if pool.is_download else None, embed=pool.embed_uri,
+                     targets=sorted(str(f) for fs in recipe.targets.values() for f in ([fs] if isinstance(fs, str) else fs))
+                     ).code(__name__, *sorted({type(s).__module__ for s in recipe.steps}))
 
 
 def _groups(steps: list[Step]) -> list[tuple[int, int]]:
@@ -357,58 +361,84 @@ def _groups(steps: list[Step]) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(steps)])) if steps else []
 
 
-def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, address: str | None,
-         work_dir: str, keyed: bool, decide: str) -> dict:
-    pool, quarantined = probe_shards(recipe, pool, executor, workers, address)
+def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor, work_root: str, decide: str) -> dict:
+    pool, quarantined = probe_shards(recipe, pool, executor)
     check_requirements(recipe, pool)
     recipe = with_download_gate(recipe, pool)
-    work = _work(recipe, pool, work_dir, decide) if keyed else Path(work_dir)
-    pool = replace(pool, scratch=str(work / "derived"), target_files=dict(recipe.targets))
+    work = jobs.WorkDir("filter", work_key(recipe, pool, decide), work_root)
+    path = work.path
+    pool = replace(pool, scratch=str(path / "derived"), target_files=dict(recipe.targets))
     labels, steps = recipe.labels(), recipe.steps
-    done: dict[str, list[str]] = {s: [] for s in pool.shards}     # finished groups' verdict files per shard
-
-    def mapped(fn, args, desc):
-        return tqdm(map_shards(fn, args, executor, workers, address), total=len(args), desc=desc, unit="shard")
-
+    seconds = np.zeros(len(steps))        # per step: fit in the driver + decide summed over shards
+    fitted: list = [None] * len(steps)   # what each global step learned; steps themselves never change
+    starts: list[int] = []                # the groups decided so far
     groups = _groups(steps)
     for g, (i, j) in enumerate(groups):
         head = steps[i]
+        t0 = time.time()
         if head.needs_fit():
-            if head.fit_passes:
-                head.fit_begin(pool)
-                for p in range(head.fit_passes):
-                    args = [(head, pool, s, done[s], p) for s in pool.shards]
-                    head.fit_reduce(mapped(_fit_part, args, f"filter {recipe.name}: fit {labels[i]} ({p + 1}/{head.fit_passes})"), p)
-            else:
-                head.fit(pool, lambda shard: _alive(done[shard], len(pool.batch(shard))))
+            fitted[i] = _fit(head, labels[i], recipe.name, pool, path, list(starts), executor)
+        seconds[i] += time.time() - t0
         if g == len(groups) - 1:
             break       # the last group is decided in the final pass, with the decisions
-        args = [(steps[i:j], pool, s, done[s], str(work / f"{i}-{s}.npz"), decide) for s in pool.shards]
-        for _ in mapped(_decide_group, args, f"filter {recipe.name}: {', '.join(labels[i:j])}"):
-            pass
-        for s in pool.shards:
-            done[s].append(str(work / f"{i}-{s}.npz"))
+        group = jobs.Job(f"filter {recipe.name}: {', '.join(labels[i:j])}", [f"{i}-{s}" for s in pool.shards],
+                         partial(_unit_shard, partial(_decide_group, steps[i:j], fitted[i:j], i, list(starts), pool, path,
+                                                      decide)))
+        for stats in jobs.run(group, executor, work):
+            seconds[i:j] += stats["seconds"]
+        starts.append(i)
 
-    start = groups[-1][0] if groups else 0
+    last = groups[-1][0] if groups else 0
+    desc = ", ".join(labels[last:]) + " + decisions" if groups else "decisions"
+    finish = jobs.Job(f"filter {recipe.name}: {desc}", [f"decisions-{s}" for s in pool.shards],
+                      partial(_unit_shard, partial(_finish, recipe, fitted, pool, path, list(starts), last, decide)))
+    parts = jobs.run(finish, executor, work)
+    funnel = _merge(recipe, fitted, pool, parts, path, out_dir, decide)
+    for k, t in enumerate(sum((np.asarray(p.pop("seconds"), float) for p in parts), np.zeros(len(steps) - last))):
+        seconds[last + k] += t
+    work.release()     # complete: the per-shard verdicts are not needed any more
+    for f, t in zip(funnel["steps"], seconds):
+        f["seconds"] = round(float(t), 3)
+    return funnel | {"quarantined_shards": quarantined}
+
+
+def _fit(step: Step, label: str, recipe: str, pool: Pool, work: Path, starts: list[int], executor: Executor):
+    """A global step's fitted value: its map-reduce passes over the shards (each a job; cheap to
+    redo, so not recorded), or its own fit over the pool."""
+    if not step.fit_passes:
+        return step.fit(pool, lambda shard: _alive(_prior(work, starts, shard), len(pool.batch(shard))))
+    state = step.fit_begin(pool)
+    for p in range(step.fit_passes):
+        state = jobs.run(jobs.Job(f"filter {recipe}: fit {label} ({p + 1}/{step.fit_passes})", pool.shards,
+                                  partial(_fit_part, step, state, pool, work, starts, p),
+                                  reduce=lambda parts, p=p, state=state: step.fit_reduce((x for _, x in parts), p, state)),
+                         executor)
+    return state
+
+
+def _unit_shard(fn, unit: str):
+    """A pass's unit is named ``<pass>-<shard>``: the shard is what the step function reads."""
+    return fn(unit.split("-", 1)[1])
+
+
+def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Path, out_dir: str, decide: str) -> dict:
+    """decisions.parquet and uids.npy from the shards' parts, streamed shard by shard; the funnel."""
+    steps, labels = recipe.steps, recipe.labels()
     out = local(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_after, n_decided, n_dropped = (np.zeros(len(steps), np.int64) for _ in range(3))
-    kept_parts, total = [], 0
+    total = 0
     download = {"downloaded": 0, "kept_without_image": 0}
-    args = [(recipe, pool, s, done[s], str(work / f"{start}-{s}.npz") if groups else None, start, decide)
-            for s in pool.shards]
-    desc = f"filter {recipe.name}: " + (", ".join(labels[start:]) + " + decisions" if groups else "decisions")
     with atomic_file(out / "decisions.parquet") as tmp:
         writer, empty = None, None
-        for part in mapped(_finish, args, desc):
+        for shard, part in zip(pool.shards, parts):
             total += part["n"]
             n_after += np.asarray(part["after"], np.int64)
             n_decided += np.asarray(part["decided"], np.int64)
             n_dropped += np.asarray(part["dropped"], np.int64)
-            kept_parts.append(part["kept"])
             for k, v in part.get("download", {}).items():
                 download[k] += v
-            table = part["table"]
+            table = pq.read_table(work / f"decisions-{shard}.parquet")
             if table.num_rows == 0:      # an empty shard's null-typed columns must not fix the schema
                 empty = table if empty is None else empty
                 continue
@@ -422,19 +452,19 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: str, workers: int, 
             writer.write_table(empty)
         if writer:
             writer.close()
-    U.save(out / "uids.npy", U.sort_uids(np.concatenate(kept_parts)))
-    shutil.rmtree(work, ignore_errors=True)     # complete: the per-shard verdicts are not needed any more
+    kept = [np.load(work / f"kept-{s}.npy", allow_pickle=False) for s in pool.shards]
+    U.save(out / "uids.npy", U.sort_uids(np.concatenate(kept)))
     prev = total
     funnel_steps = []
     for k, (lab, step) in enumerate(zip(labels, steps)):
         funnel_steps.append({"step": lab, "kind": step.kind, "params": step.model_dump(exclude_none=True),
-                             "state": step.state(), "decided": int(n_decided[k]), "kept_after": int(n_after[k]),
+                             "state": step.report(fitted[k]), "decided": int(n_decided[k]), "kept_after": int(n_after[k]),
                              "dropped_here": int(prev - n_after[k]), "dropped_standalone": int(n_dropped[k])})
         prev = int(n_after[k])
-    subset = int(sum(len(k) for k in kept_parts))
-    return {"recipe": recipe.name, "decide": decide, "pool_size": total, "kept_unique": int(prev), "subset_size": subset,
-            "kept_fraction": (prev / total) if total else 0.0, "steps": funnel_steps,
-            "bounds": recipe.bounds.model_dump(), "quarantined_shards": quarantined,
+    subset = int(sum(len(k) for k in kept))
+    return {"recipe": recipe.name, "decide": decide, "pool_size": total, "kept_unique": int(prev),
+            "subset_size": subset, "kept_fraction": (prev / total) if total else 0.0, "steps": funnel_steps,
+            "bounds": recipe.bounds.model_dump(),
             **({"download": {"pool_rows": total, "not_downloaded": total - download["downloaded"], **download}}
                if pool.is_download else {})}
 

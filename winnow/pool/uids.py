@@ -73,6 +73,13 @@ def check_subset(arr: np.ndarray) -> None:
         raise UidError("uid array is not sorted; the resharder needs np.sort order")
 
 
+def digest(arr: np.ndarray) -> str:
+    """A hash of a uid array's bytes (a job key's identity of a subset)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
 def save(path, arr: np.ndarray) -> None:
     from winnow.io import atomic_file
 

@@ -1,10 +1,11 @@
-"""Executors for the per-shard map. Results come back in shard order whatever the executor, so
-outputs are byte-identical on every one.
+"""The executor: where a job's units run. Built once from params (``kind``, ``workers``,
+``address``) and passed down; results come back in unit order whatever the kind, so outputs are
+byte-identical on every one.
 
 - ``serial``, ``threads``, ``processes``: this machine;
 - ``dask``: a real distributed engine through Prefect's task runner (prefect-dask's
   ``DaskTaskRunner``). The driver (e.g. one filter run) runs as a Prefect flow run
-  (:func:`run_with`) and every shard of every pass as a task run of it, named by its shard, retried
+  (:meth:`Executor.drive`) and every shard of every pass as a task run of it, named by its shard, retried
   once, visible in the Prefect UI. ``address`` names a running ``dask.distributed`` scheduler
   (``tcp://host:8786``) whose workers can read the pool's URIs and reach the same Prefect API
   (``PREFECT_API_URL``); without one, a local multi-process cluster of ``workers`` processes is
@@ -31,6 +32,8 @@ import re
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
+from winnow.config import ParamsError
+
 EXECUTORS = ("serial", "threads", "processes", "dask")
 
 _SERVER = None
@@ -52,32 +55,6 @@ def prefect_api() -> str:
     atexit.register(_SERVER.stop)
     os.environ["PREFECT_API_URL"] = _SERVER.api_url
     return _SERVER.api_url
-
-
-def run_with(executor: str, workers: int, address: str | None, name: str, fn: Callable, *args) -> Any:
-    """``fn(*args)``, the driver of shard maps: directly, or for ``dask`` inside one Prefect flow run
-    whose task runner is a ``DaskTaskRunner`` (on the cluster at ``address`` or a local one)."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor '{executor}' (valid: {', '.join(EXECUTORS)})")
-    if executor != "dask":
-        return fn(*args)
-    from prefect import flow
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect_dask import DaskTaskRunner
-
-    if address:       # the cluster's workers resolve relative paths in their own working directory
-        args = _absolute_args(fn, args)
-    url = prefect_api()
-    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(cluster_kwargs={
-        "n_workers": max(1, workers), "threads_per_worker": 1, "processes": True,
-        "dashboard_address": None, "host": "127.0.0.1"})
-
-    @flow(name=name, task_runner=runner, persist_result=False, validate_parameters=False)
-    def driver():
-        return fn(*args)
-
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        return driver()
 
 
 _LOCATION = re.compile(r"(^|_)(dirs?|paths?|uris?|roots?|scratch|files?)$")
@@ -131,12 +108,13 @@ def _absolute_args(fn: Callable, args: tuple) -> tuple:
 
 
 @functools.cache
-def _shard_task(fn: Callable):
+def _unit_task(fn: Callable):
     from prefect import task
     from prefect.cache_policies import NONE
 
-    named = "shard" in inspect.signature(fn).parameters
-    return task(fn, name=fn.__name__.strip("_"), task_run_name="{shard}" if named else None,
+    params = inspect.signature(fn).parameters
+    named = next((n for n in ("unit", "shard") if n in params), None)     # the task run's name in the UI
+    return task(fn, name=getattr(fn, "__name__", "unit").strip("_"), task_run_name="{%s}" % named if named else None,
                 retries=1, cache_policy=NONE, persist_result=False)
 
 
@@ -151,26 +129,68 @@ def _windowed(submit: Callable, arglist: list[tuple], window: int) -> Iterator:
         yield res
 
 
-def map_shards(fn: Callable, arglist: Iterable[tuple], executor: str = "serial", workers: int = 1,
-               address: str | None = None) -> Iterator:
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor '{executor}' (valid: {', '.join(EXECUTORS)})")
-    arglist = list(arglist)
-    if executor == "dask":
-        from prefect.context import FlowRunContext
+@dataclasses.dataclass(frozen=True)
+class Executor:
+    """``serial``, ``threads`` or ``processes`` on this machine (``workers`` of them), or ``dask``:
+    one Prefect flow run per driver, each unit a task run on a Dask cluster (the one at ``address``,
+    or a local one of ``workers`` processes)."""
+    kind: str = "serial"
+    workers: int = 1
+    address: str | None = None
 
-        if FlowRunContext.get() is None:
-            raise RuntimeError("executor 'dask' maps shards as task runs of a Prefect flow: call the driver "
-                               "through winnow.compute.run_with")
-        t = _shard_task(fn)
-        if address:
-            arglist = [_absolute_args(fn, a) for a in arglist]
-        yield from _windowed(lambda a: t.submit(*a), arglist, 2 * max(1, workers))
-        return
-    if executor == "serial" or workers <= 1:
-        for args in arglist:
-            yield fn(*args)
-        return
-    pool_cls = ThreadPoolExecutor if executor == "threads" else ProcessPoolExecutor
-    with pool_cls(max_workers=workers) as ex:
-        yield from _windowed(lambda a: ex.submit(fn, *a), arglist, 2 * workers)
+    def __post_init__(self):
+        if self.kind not in EXECUTORS:
+            raise ParamsError(f"unknown executor '{self.kind}' (valid: {', '.join(EXECUTORS)})")
+
+    @classmethod
+    def of(cls, section) -> "Executor":
+        """From a params section with ``executor``, ``workers`` and ``address`` fields."""
+        return cls(section.executor, section.workers, section.address)
+
+    def drive(self, name: str, fn: Callable, *args) -> Any:
+        """``fn(*args)``, the driver of unit maps: directly, or for ``dask`` inside one Prefect flow
+        run whose task runner is a ``DaskTaskRunner`` (on the cluster at ``address`` or a local one)."""
+        if self.kind != "dask":
+            return fn(*args)
+        from prefect import flow
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect_dask import DaskTaskRunner
+
+        if self.address:       # the cluster's workers resolve relative paths in their own working directory
+            args = _absolute_args(fn, args)
+        url = prefect_api()
+        runner = DaskTaskRunner(address=self.address) if self.address else DaskTaskRunner(cluster_kwargs={
+            "n_workers": max(1, self.workers), "threads_per_worker": 1, "processes": True,
+            "dashboard_address": None, "host": "127.0.0.1"})
+
+        @flow(name=name, task_runner=runner, persist_result=False, validate_parameters=False)
+        def driver():
+            return fn(*args)
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            return driver()
+
+    def map(self, fn: Callable, arglist: Iterable[tuple]) -> Iterator:
+        """``fn(*args)`` for each args, results in order; at most ``2 x workers`` in flight."""
+        arglist = list(arglist)
+        if self.kind == "dask":
+            from prefect.context import FlowRunContext
+
+            if FlowRunContext.get() is None:
+                raise RuntimeError("executor 'dask' maps units as task runs of a Prefect flow: call the "
+                                   "driver through Executor.drive")
+            t = _unit_task(fn)
+            if self.address:
+                arglist = [_absolute_args(fn, a) for a in arglist]
+            yield from _windowed(lambda a: t.submit(*a), arglist, 2 * max(1, self.workers))
+            return
+        if self.kind == "serial" or self.workers <= 1:
+            for args in arglist:
+                yield fn(*args)
+            return
+        pool_cls = ThreadPoolExecutor if self.kind == "threads" else ProcessPoolExecutor
+        with pool_cls(max_workers=self.workers) as ex:
+            yield from _windowed(lambda a: ex.submit(fn, *a), arglist, 2 * self.workers)
+
+
+SERIAL = Executor()
