@@ -41,8 +41,9 @@ def generate(out: Path, samples: int, shards_n: int, dim: int, seed: int = 0) ->
     import pyarrow as pa
 
     from winnow.io import write_json
-    from winnow.pool import shards, world
-    from winnow.pool.world import Scene
+    from winnow.demo import world
+    from winnow.demo.world import Scene
+    from winnow.pool import shards
 
     spec = {"samples": samples, "shards": shards_n, "dim": dim, "seed": seed}
     if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()).get("bench") == spec:

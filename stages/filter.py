@@ -5,7 +5,8 @@ import pandas as pd
 from winnow import io as wio
 from winnow.config import Params
 from winnow.executor import Executor
-from winnow.filters.engine import params_recipe, run, truth_metrics
+from winnow.demo.truth import truth_metrics
+from winnow.filters.engine import params_recipe, run
 from winnow.io import read_json, write_json
 from winnow.jobs import WORK_ROOT
 from winnow.pool import uids as U

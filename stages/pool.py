@@ -6,7 +6,8 @@ winnow's per-shard ``{n:08d}.parquet/.npz/.tar``. Nothing is copied: the manifes
 from winnow import io as wio
 from winnow.config import Params
 from winnow.io import atomic_dir, write_json
-from winnow.pool import checks, datacomp, demo, shards
+from winnow.demo import pool as demo
+from winnow.pool import checks, datacomp, shards
 from winnow.pool.view import Pool
 from winnow.stage import main
 from winnow.validate import Gate

@@ -7,8 +7,8 @@ import pandas as pd
 from winnow import models, track
 from winnow.config import Params
 from winnow.io import atomic_dir, cache_local, local, read_json, write_json
-from winnow.pool import demo
-from winnow.scoring import scorer_quality
+from winnow.demo import pool as demo
+from winnow.scorer_quality import scorer_quality
 from winnow.stage import main
 from winnow.train import loss_is_healthy, train_clip
 from winnow.validate import Gate, expect

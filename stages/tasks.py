@@ -17,7 +17,8 @@ import pandas as pd
 from winnow.config import Params, ParamsError
 from winnow.io import atomic_dir, cache_local, write_json
 from winnow.stage import main
-from winnow.tasks import check_set, fingerprint, generate_task, load_suite, task_data
+from winnow.demo.tasks import generate_task
+from winnow.tasks import check_set, fingerprint, load_suite, task_data
 from winnow.validate import Gate, GateError, expect
 
 OUT = "data/tasks"

@@ -1,20 +1,15 @@
 """Near-duplicate removal by embedding cosine: the first of each group (pool order) stays, across
 shards and blocks; quarantined (NaN) embeddings are never duplicates."""
-import sys
-
 import numpy as np
 
-from tests.conftest import ROOT
+from tests.helpers import bench_module
 from winnow.filters import build_step
 from winnow.pool import shards
 from winnow.pool.view import Pool
 
 
 def test_near_duplicates_across_shards_and_blocks(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import importlib
-
-    importlib.import_module("filter").generate(tmp_path, 300, 3, dim=16)
+    bench_module("filter").generate(tmp_path, 300, 3, dim=16)
     rng = np.random.default_rng(0)
     base = rng.standard_normal((300, 16)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)
@@ -32,5 +27,5 @@ def test_near_duplicates_across_shards_and_blocks(tmp_path):
                      for r in rows)
     assert dropped == sorted(copies.values())
     assert step.report(fitted) == {"unique_images": 300 - 4 - 1, "near_duplicates": 4}
-    keep = np.concatenate([step.keep(pool.batch(s), fitted) for s in pool.shards])
+    keep = np.concatenate([step.verdict(pool.batch(s), fitted) for s in pool.shards])
     assert keep.sum() == 296 and keep[200]

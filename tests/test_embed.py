@@ -10,7 +10,7 @@ from winnow.embed import embed_pool
 from winnow.jobs import WorkDir
 from winnow.pool import shards
 from winnow.pool.view import Pool
-from winnow.scoring import roc_auc
+from winnow.scorer_quality import roc_auc
 
 
 def corrupt_first_image(pool_dir):
@@ -178,7 +178,8 @@ def test_alignment_targets_stream_from_train_splits_and_class_prompts(tmp_path):
     from tests.fixtures.evalsets import write_evalsets
     from winnow import models
     from winnow.embed import embed_targets
-    from winnow.tasks import generate_task, load_suite
+    from winnow.demo.tasks import generate_task
+    from winnow.tasks import load_suite
 
     model, pre, tok = models.load("winnow-tiny", None)
     demo = load_suite("demo")

@@ -8,7 +8,8 @@ from tests.conftest import ROOT
 from winnow.executor import Executor
 from winnow.config import ParamsError
 from winnow.filters.clip_score import ClipScore, top_fraction_threshold
-from winnow.filters.engine import load_recipe, run, truth_metrics
+from winnow.demo.truth import truth_metrics
+from winnow.filters.engine import load_recipe, run
 from winnow.filters.image import ImageSize
 from winnow.filters.text import CaptionLength, Language, detect_languages
 from winnow.pool import shards
@@ -31,7 +32,7 @@ class FakeBatch:
 
 def test_caption_length_matches_datacomp_rule():
     texts = ["a b", "a b c", "abc de f", "  lots   of   space  ", "", "zzzzzzzzzz", "tiny a b", "a\tb\nc"]
-    got = CaptionLength().keep(FakeBatch(text=texts))
+    got = CaptionLength().verdict(FakeBatch(text=texts))
     want = [len(t.split()) > 2 and len(t) > 5 for t in texts]
     assert got.tolist() == want
 
@@ -39,7 +40,7 @@ def test_caption_length_matches_datacomp_rule():
 def test_image_size_matches_datacomp_rule():
     w = np.array([200, 199, 600, 601, 300, 0])
     h = np.array([200, 400, 200, 200, 1000, 10])
-    got = ImageSize().keep(FakeBatch(original_width=w, original_height=h))
+    got = ImageSize().verdict(FakeBatch(original_width=w, original_height=h))
     ref = [min(a, b) >= 200 and max(a, b) / max(min(a, b), 1e-9) <= 3.0 for a, b in zip(w, h)]
     assert got.tolist() == ref
 
@@ -53,7 +54,7 @@ def test_language_id_on_demo_captions(demo_pool):
     acc_foreign = (lang[df.kind.to_numpy() == "non_english"] != "en").mean()
     acc_en = (lang[df.kind.to_numpy() == "clean"] == "en").mean()
     assert acc_foreign >= 0.95 and acc_en >= 0.95, (acc_foreign, acc_en)
-    assert Language(lang="de").keep(FakeBatch(text=["ein Foto von drei roten Kreisen auf einem Hintergrund"])).all()
+    assert Language(lang="de").verdict(FakeBatch(text=["ein Foto von drei roten Kreisen auf einem Hintergrund"])).all()
 
 
 def test_top_fraction_is_datacomps_rule():
@@ -123,7 +124,7 @@ def test_clip_score_needs_one_source():
 
 def test_dask_through_prefect_task_runner_gives_identical_outputs(demo_pool, tmp_path):
     """A real local multi-process dask.distributed cluster reached by its scheduler address, driven
-    through Prefect's DaskTaskRunner: one flow run per filter run, a task run per shard and pass."""
+    through Prefect's DaskTaskRunner: one flow run per pass of the filter, a task run per shard."""
     import asyncio
 
     from distributed import LocalCluster
@@ -143,18 +144,19 @@ def test_dask_through_prefect_task_runner_gives_identical_outputs(demo_pool, tmp
     b = pd.read_parquet(tmp_path / "dask" / "decisions.parquet")
     pd.testing.assert_frame_equal(a, b)
 
-    async def recorded():
+    async def recorded(flow_name):
         async with get_client() as client:
-            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["winnow-filter-basic"])))
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
             latest = max(runs, key=lambda f: f.start_time)
             assert latest.state.is_completed()
             return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[latest.id])))
 
-    tasks = asyncio.run(recorded())
-    assert len(tasks) == 2 * len(pool.shards)          # probe + decide/decisions, per shard
-    # probe task runs are named by shard, pass units by pass and shard
-    assert sorted(t.name for t in tasks) == sorted(pool.shards + [f"decisions-{s}" for s in pool.shards])
-    assert all(t.state.is_completed() for t in tasks)
+    # one flow run per pass, named by its job; a task run per unit, named by the unit
+    probe = asyncio.run(recorded("filter basic: probe"))
+    decide = asyncio.run(recorded("filter basic: image_size, caption_length, language + decisions"))
+    assert sorted(t.name for t in probe) == pool.shards
+    assert sorted(t.name for t in decide) == [f"decisions-{s}" for s in pool.shards]
+    assert all(t.state.is_completed() for t in probe + decide)
 
 
 def _fasttext_tokens(text: str) -> int:

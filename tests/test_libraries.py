@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from winnow.scoring import roc_auc
+from winnow.scorer_quality import roc_auc
 
 
 @pytest.mark.parametrize("pos, neg, expected", [

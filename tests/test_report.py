@@ -6,7 +6,8 @@ from winnow import report
 
 
 def test_report_from_stage_outputs(demo_pool, tmp_path):
-    from winnow.filters.engine import load_recipe, run, truth_metrics
+    from winnow.demo.truth import truth_metrics
+    from winnow.filters.engine import load_recipe, run
     from winnow.pool.view import Pool
 
     reports = tmp_path / "reports"

@@ -78,7 +78,7 @@ def test_evaluation_code_key_covers_metrics_and_set_readers():
     from winnow.imports import import_closure
 
     closure = import_closure("winnow.evaluate")
-    assert {"winnow/metrics.py", "winnow/tasks.py", "winnow/decode.py", "winnow/evaluate.py"} <= set(closure)
+    assert {"winnow/metrics.py", "winnow/tasks.py", "winnow/evaluate.py", "winnow/jobs.py"} <= set(closure)
 
 
 def test_a_torn_results_line_does_not_fail_later_runs(evaluated, tmp_path):

@@ -46,7 +46,7 @@ def test_text_regex_drops_file_names(demo_pool, tmp_path):
             return self.meta[name]
     texts = ["IMG_2041.jpg", "image", "DSC00123.JPG", "untitled-77", "photo", "123.png",
              "a photo of two red circles", "image of a red square on white"]
-    assert step.keep(B(texts)).tolist() == [False] * 6 + [True, True]
+    assert step.verdict(B(texts)).tolist() == [False] * 6 + [True, True]
 
 
 def test_dedup_exact_keeps_first_of_each_image(demo_pool, tmp_path):
@@ -65,9 +65,9 @@ def test_flip_rule_modes(tmp_path):
     class B:
         def column(self, name):
             return {"s": np.array([0.8, 0.8, 0.3, np.nan]), "f": np.array([0.75, 0.3, 0.3, 0.5])}[name]
-    assert FlipScore(score="s", flip_score="f", mode="drop", max_drop=0.1).keep(B()).tolist() == [True, False, True, False]
-    assert FlipScore(score="s", flip_score="f", mode="flipped", threshold=0.5).keep(B()).tolist() == [True, False, False, False]
-    assert FlipScore(score="s", flip_score="f", mode="min", threshold=0.3).keep(B()).tolist() == [True, True, True, False]
+    assert FlipScore(score="s", flip_score="f", mode="drop", max_drop=0.1).verdict(B()).tolist() == [True, False, True, False]
+    assert FlipScore(score="s", flip_score="f", mode="flipped", threshold=0.5).verdict(B()).tolist() == [True, False, False, False]
+    assert FlipScore(score="s", flip_score="f", mode="min", threshold=0.3).verdict(B()).tolist() == [True, True, True, False]
     with pytest.raises(Exception, match="max_drop"):
         FlipScore(mode="drop")
 

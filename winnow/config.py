@@ -36,7 +36,7 @@ class Noise(Section):
     near_duplicate: float = Field(0.03, ge=0, le=1)
 
 
-class Pool(Section):
+class PoolParams(Section):
     source: Literal["demo", "datacomp"] = "demo"
     uri: str = "data/pool"                   # datacomp: the download's --data_dir (metadata/ + shards/), or a
                                              # directory of winnow's per-shard {n:08d}.parquet/.npz/.tar
@@ -117,7 +117,7 @@ class Storage(Section):
 
 class Params(Section):
     seed: int = 0
-    pool: Pool = Pool()
+    pool: PoolParams = PoolParams()
     eval: Eval = Eval()
     scorer: Scorer = Scorer()
     embed: Embed = Embed()

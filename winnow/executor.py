@@ -4,19 +4,18 @@ byte-identical on every one.
 
 - ``serial``, ``threads``, ``processes``: this machine;
 - ``dask``: a real distributed engine through Prefect's task runner (prefect-dask's
-  ``DaskTaskRunner``). The driver (e.g. one filter run) runs as a Prefect flow run
-  (:meth:`Executor.drive`) and every shard of every pass as a task run of it, named by its shard, retried
-  once, visible in the Prefect UI. ``address`` names a running ``dask.distributed`` scheduler
+  ``DaskTaskRunner``). Each map (e.g. one pass of a filter run) is a Prefect flow run named by its
+  job, and every unit a task run of it, named by the unit, retried once, visible in the Prefect UI. ``address`` names a running ``dask.distributed`` scheduler
   (``tcp://host:8786``) whose workers can read the pool's URIs and reach the same Prefect API
   (``PREFECT_API_URL``); without one, a local multi-process cluster of ``workers`` processes is
   started for the run.
 
-Submission is windowed (``2 x workers`` shards in flight), so memory stays at a few shards.
+Submission is windowed (``2 x workers`` units in flight), so memory stays at a few shards.
 
 A worker of a cluster reached by ``address`` runs in its own working directory (another machine,
 or a process started elsewhere): a relative path shipped to it would name another file there. So
-with ``address`` every location in the arguments is made absolute in the driver first
-(:func:`absolute_locations`): ``Path`` values, and strings held by parameters or dataclass fields
+with ``address`` every location in the arguments (and in a ``functools.partial``'s bound ones)
+is made absolute in the driver first (:func:`absolute_locations`): ``Path`` values, and strings held by parameters or dataclass fields
 named like a location (``*_dir``, ``*_path``, ``uri``, ``*_uri``, ``root``, ``scratch``, ``*_file(s)``,
 and the values of mappings so named);
 ``s3://`` URIs pass unchanged. The workers must see the same filesystem at those paths (README).
@@ -97,6 +96,16 @@ def absolute_locations(value: Any, name: str = "") -> Any:
     return value
 
 
+def _absolute_callable(fn: Callable) -> Callable:
+    """A ``functools.partial`` (of partials) with the locations among its bound arguments made
+    absolute: a job's map carries its pool and work directory that way."""
+    if not isinstance(fn, functools.partial):
+        return fn
+    args = _absolute_args(fn.func, tuple(_absolute_callable(a) for a in fn.args))
+    return functools.partial(_absolute_callable(fn.func), *args,
+                             **{k: absolute_locations(v, k) for k, v in fn.keywords.items()})
+
+
 def _absolute_args(fn: Callable, args: tuple) -> tuple:
     """Positional arguments of ``fn`` with their locations made absolute (by parameter name)."""
     try:
@@ -132,7 +141,7 @@ def _windowed(submit: Callable, arglist: list[tuple], window: int) -> Iterator:
 @dataclasses.dataclass(frozen=True)
 class Executor:
     """``serial``, ``threads`` or ``processes`` on this machine (``workers`` of them), or ``dask``:
-    one Prefect flow run per driver, each unit a task run on a Dask cluster (the one at ``address``,
+    one Prefect flow run per map, each unit a task run on a Dask cluster (the one at ``address``,
     or a local one of ``workers`` processes)."""
     kind: str = "serial"
     workers: int = 1
@@ -147,42 +156,13 @@ class Executor:
         """From a params section with ``executor``, ``workers`` and ``address`` fields."""
         return cls(section.executor, section.workers, section.address)
 
-    def drive(self, name: str, fn: Callable, *args) -> Any:
-        """``fn(*args)``, the driver of unit maps: directly, or for ``dask`` inside one Prefect flow
-        run whose task runner is a ``DaskTaskRunner`` (on the cluster at ``address`` or a local one)."""
-        if self.kind != "dask":
-            return fn(*args)
-        from prefect import flow
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-        from prefect_dask import DaskTaskRunner
-
-        if self.address:       # the cluster's workers resolve relative paths in their own working directory
-            args = _absolute_args(fn, args)
-        url = prefect_api()
-        runner = DaskTaskRunner(address=self.address) if self.address else DaskTaskRunner(cluster_kwargs={
-            "n_workers": max(1, self.workers), "threads_per_worker": 1, "processes": True,
-            "dashboard_address": None, "host": "127.0.0.1"})
-
-        @flow(name=name, task_runner=runner, persist_result=False, validate_parameters=False)
-        def driver():
-            return fn(*args)
-
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            return driver()
-
-    def map(self, fn: Callable, arglist: Iterable[tuple]) -> Iterator:
-        """``fn(*args)`` for each args, results in order; at most ``2 x workers`` in flight."""
+    def map(self, fn: Callable, arglist: Iterable[tuple], name: str = "winnow") -> Iterator:
+        """``fn(*args)`` for each args, results in order; at most ``2 x workers`` in flight. On
+        ``dask`` the map is one Prefect flow run called ``name`` whose task runner is a
+        ``DaskTaskRunner`` (on the cluster at ``address``, or a local one), each unit a task run."""
         arglist = list(arglist)
         if self.kind == "dask":
-            from prefect.context import FlowRunContext
-
-            if FlowRunContext.get() is None:
-                raise RuntimeError("executor 'dask' maps units as task runs of a Prefect flow: call the "
-                                   "driver through Executor.drive")
-            t = _unit_task(fn)
-            if self.address:
-                arglist = [_absolute_args(fn, a) for a in arglist]
-            yield from _windowed(lambda a: t.submit(*a), arglist, 2 * max(1, self.workers))
+            yield from self._dask_map(fn, arglist, name)
             return
         if self.kind == "serial" or self.workers <= 1:
             for args in arglist:
@@ -191,6 +171,27 @@ class Executor:
         pool_cls = ThreadPoolExecutor if self.kind == "threads" else ProcessPoolExecutor
         with pool_cls(max_workers=self.workers) as ex:
             yield from _windowed(lambda a: ex.submit(fn, *a), arglist, 2 * self.workers)
+
+    def _dask_map(self, fn: Callable, arglist: list[tuple], name: str) -> list:
+        from prefect import flow
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect_dask import DaskTaskRunner
+
+        if self.address:       # the cluster's workers resolve relative paths in their own working directory
+            fn = _absolute_callable(fn)
+            arglist = [_absolute_args(fn, a) for a in arglist]
+        url = prefect_api()
+        runner = DaskTaskRunner(address=self.address) if self.address else DaskTaskRunner(cluster_kwargs={
+            "n_workers": max(1, self.workers), "threads_per_worker": 1, "processes": True,
+            "dashboard_address": None, "host": "127.0.0.1"})
+        t = _unit_task(fn)
+
+        @flow(name=re.sub(r"[/%&<>]", "-", name), task_runner=runner, persist_result=False, validate_parameters=False)
+        def units():
+            return list(_windowed(lambda a: t.submit(*a), arglist, 2 * max(1, self.workers)))
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            return units()
 
 
 SERIAL = Executor()

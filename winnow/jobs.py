@@ -161,7 +161,7 @@ def run(job: Job, executor: Executor = SERIAL, work: WorkDir | None = None, prog
     bar = tqdm(total=len(job.units), initial=len(done), desc=job.name, unit="unit", disable=not progress)
 
     def ordered() -> Iterator[tuple[str, Any]]:
-        fresh = executor.map(job.map, [(u,) for u in todo])
+        fresh = executor.map(job.map, [(u,) for u in todo], name=job.name)
         for u in job.units:
             if u in done:
                 yield u, done[u]

@@ -151,7 +151,7 @@ class Retrieval(Step):
         hits = np.unique(best_i.reshape(-1, 2), axis=0)
         return Hits({shards[k]: hits[hits[:, 0] == k, 1] for k in np.unique(hits[:, 0])}, nq)
 
-    def keep(self, batch, fitted: "Hits" = None) -> np.ndarray:
+    def verdict(self, batch, fitted: "Hits" = None) -> np.ndarray:
         hit = np.isin(batch.positions(), fitted.rows.get(batch.shard, []))
         if self.mode == "keep":
             return hit
@@ -233,7 +233,7 @@ class ImageClusters(_KMeansStep):
             state.keep = np.unique(a[a >= 0])
         state.targets = None     # not needed to decide: the workers need not receive them
 
-    def keep(self, batch, fitted: Clusters = None) -> np.ndarray:
+    def verdict(self, batch, fitted: Clusters = None) -> np.ndarray:
         return np.isin(_assign(batch.embedding(self.key), fitted.centroids, batch.shard, self.key), fitted.keep)
 
     def report(self, fitted: Clusters) -> dict:
@@ -280,7 +280,7 @@ class Rebalance(_KMeansStep):
         state.repeat = np.clip(np.round(median / np.maximum(counts, 1)), 1, self.max_repeat).astype(np.int64)
         return state
 
-    def keep(self, batch, fitted: Clusters = None) -> np.ndarray:
+    def verdict(self, batch, fitted: Clusters = None) -> np.ndarray:
         from winnow.pool import uids as U
 
         c = _assign(batch.embedding(self.key), fitted.centroids, batch.shard, self.key)

@@ -1,17 +1,17 @@
 """The step interface and registry of the filter engine.
 
 A step is a pydantic model: its fields are the recipe parameters, validated before any data is
-read, and never changed afterwards. Per-sample steps implement ``keep(batch) -> bool mask``
-vectorised over one shard. Global steps (``is_global``) first see the pool and return what they
-learned — a *fitted* value (a threshold, centroids, rows to drop) — which the engine hands back to
-``keep(batch, fitted)`` and ``explain(batch, fitted)`` and shows in the funnel through
-``report(fitted)``. A global step either implements ``fit(pool, alive) -> fitted`` (``alive(shard)``
-is the mask of samples that survived the earlier steps), or declares ``fit_passes`` and
-implements a map-reduce: ``fit_begin(pool) -> state``, then per pass ``fit_shard(batch, alive,
-pass_no, state)`` on the executor and ``fit_reduce(parts, pass_no, state) -> state`` in the
-driver; the last pass's state is the fitted value. Steps that up-sample return integer
-multiplicities instead of a bool mask. ``explain`` returns the scores a step decided on,
-recorded in decisions.parquet.
+read, and never changed afterwards. A step's ``verdict(batch)`` is a bool mask (keep/drop) or,
+for steps that up-sample, integer multiplicities, vectorised over one shard. Global steps
+(``is_global``) first see the pool and return what they learned — a *fitted* value (a threshold,
+centroids, rows to drop) — which the engine hands back to ``verdict(batch, fitted)`` and
+``explain(batch, fitted)`` and shows in the funnel through ``report(fitted)``. A global step
+either implements ``fit(pool, alive) -> fitted`` (``alive(shard)`` is the mask of samples that
+survived the earlier steps), or declares ``fit_passes`` and implements a map-reduce:
+``fit_begin(pool) -> state``, then per pass ``fit_shard(batch, alive, pass_no, state)`` on the
+executor and ``fit_reduce(parts, pass_no, state) -> state`` in the driver; the last pass's state
+is the fitted value. ``explain`` returns the scores a step decided on, recorded in
+decisions.parquet.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class Step(BaseModel):
         """Per-sample scores this step decided on (recorded in decisions.parquet)."""
         return {}
 
-    def keep(self, batch, fitted=None) -> np.ndarray:
+    def verdict(self, batch, fitted=None) -> np.ndarray:
         raise NotImplementedError
 
     def report(self, fitted) -> dict:

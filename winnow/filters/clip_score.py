@@ -127,7 +127,7 @@ class ClipScore(Step):
         t = state.reduce(parts, pass_no)
         return state if pass_no == 0 else t     # fitted: the threshold
 
-    def keep(self, batch, fitted: float | None = None) -> np.ndarray:
+    def verdict(self, batch, fitted: float | None = None) -> np.ndarray:
         s = self.scores(batch)
         return np.isfinite(s) & (s >= (self.threshold if fitted is None else fitted))
 
@@ -168,7 +168,7 @@ class FlipScore(Step):
         return {"score": batch.column(self.score).astype(np.float32),
                 "flip_score": batch.column(self.flip_score).astype(np.float32)}
 
-    def keep(self, batch, fitted=None) -> np.ndarray:
+    def verdict(self, batch, fitted=None) -> np.ndarray:
         s, f = self.explain(batch).values()
         if self.mode == "drop":
             ok = (s - f) <= self.max_drop

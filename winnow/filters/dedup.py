@@ -53,9 +53,9 @@ class Drops:
 
 
 class _DropsRows(Step):
-    """A global dedup step: ``fit`` returns Drops; ``keep`` applies them."""
+    """A global dedup step: ``fit`` returns Drops; ``verdict`` applies them."""
 
-    def keep(self, batch, fitted: Drops | None = None) -> np.ndarray:
+    def verdict(self, batch, fitted: Drops | None = None) -> np.ndarray:
         return ~np.isin(batch.positions(), fitted.rows.get(batch.shard, []))
 
     def report(self, fitted: Drops | None) -> dict:

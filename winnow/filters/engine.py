@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm import tqdm
 
 from winnow import jobs
 from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
@@ -147,7 +145,7 @@ def probe_shards(recipe: Recipe, pool: Pool, executor: Executor = SERIAL) -> tup
     ``corrupt_shards: quarantine`` — is left out and reported with its error. So does a shard that
     lacks an input the first readable shard has (one the pool lacks altogether is named, with the
     valid choices, by check_requirements)."""
-    results = list(executor.map(_probe, [(recipe, pool, s) for s in pool.shards]))
+    results = list(executor.map(_probe, [(recipe, pool, s) for s in pool.shards], name=f"filter {recipe.name}: probe"))
     errors = [e for e, _ in results]
     first = next((have for e, have in results if e is None), [])
     for k, (e, have) in enumerate(results):
@@ -246,13 +244,13 @@ def _decide(steps: list[Step], fitted: list, batch, alive: np.ndarray, decide: s
         t0 = time.perf_counter()
         image_rows = batch.column("downloaded").astype(bool) if _needs_image(step, batch) else None
         if decide == "all" and image_rows is None:
-            v = _encode(step, step.keep(batch, fit), len(batch), shard)
+            v = _encode(step, step.verdict(batch, fit), len(batch), shard)
         else:
             mask = alive if decide != "all" else np.ones(len(batch), bool)
             rows = np.flatnonzero(mask if image_rows is None else mask & image_rows)
             v = np.full(len(batch), UNDECIDED, np.int8)
             if len(rows):
-                r = _encode(step, step.keep(batch.select(rows), fit), len(rows), shard)
+                r = _encode(step, step.verdict(batch.select(rows), fit), len(rows), shard)
                 v = v.astype(r.dtype)
                 v[rows] = r
         alive &= v > 0
@@ -335,9 +333,8 @@ def run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor = SERIAL, w
     if decide not in DECIDE:
         raise ParamsError(f"unknown filter.decide '{decide}' (valid: {', '.join(DECIDE)})")
     tmp = None if work_root else tempfile.mkdtemp(prefix="winnow-filter-")
-    try:      # on dask: one Prefect flow run, each shard of each pass a task run of it
-        return executor.drive(f"winnow-filter-{recipe.name}", _run, recipe, pool, out_dir, executor,
-                              work_root or tmp, decide)
+    try:
+        return _run(recipe, pool, out_dir, executor, work_root or tmp, decide)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -467,23 +464,3 @@ def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Pa
             "bounds": recipe.bounds.model_dump(),
             **({"download": {"pool_rows": total, "not_downloaded": total - download["downloaded"], **download}}
                if pool.is_download else {})}
-
-
-def truth_metrics(decisions: pd.DataFrame, truth: pd.DataFrame, labels: list[str]) -> dict:
-    """Per step and noise kind, on the demo: recall (share of that kind, among the samples the step
-    decided, that it drops) and precision (share of the step's drops that are that kind). 'clean'
-    recall is collateral loss."""
-    df = decisions.merge(truth[["uid", "kind"]], on="uid", how="left")
-    kinds = sorted(df.kind.dropna().unique())
-    out = {}
-    for lab in labels + ["recipe"]:
-        if lab == "recipe":
-            seen, dropped = np.ones(len(df), bool), (df.multiplicity == 0).to_numpy()
-        else:    # with decide: survivors a step saw only what reached it (null verdicts elsewhere)
-            v = df[f"keep:{lab}"]
-            seen, dropped = v.notna().to_numpy(), (v == False).to_numpy()   # noqa: E712 (nullable column)
-        nd = int(dropped.sum())
-        out[lab] = {k: {"recall": float((dropped & (df.kind == k)).sum() / max(1, (seen & (df.kind == k)).sum())),
-                        "precision": float((dropped & (df.kind == k)).sum() / nd) if nd else 0.0}
-                    for k in kinds}
-    return out

@@ -16,7 +16,7 @@ class ImageSize(Step):
     def requires(self):
         return ["original_width", "original_height"], []
 
-    def keep(self, batch, fitted=None) -> np.ndarray:
+    def verdict(self, batch, fitted=None) -> np.ndarray:
         w = batch.column("original_width").astype(np.float64)
         h = batch.column("original_height").astype(np.float64)
         lo, hi = np.minimum(w, h), np.maximum(w, h)
@@ -37,5 +37,5 @@ class Downloaded(Step):
     def requires(self):
         return ["downloaded"], []
 
-    def keep(self, batch, fitted=None) -> np.ndarray:
+    def verdict(self, batch, fitted=None) -> np.ndarray:
         return batch.column("downloaded").astype(bool)

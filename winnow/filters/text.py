@@ -38,7 +38,7 @@ class Language(Step):
     def requires(self):
         return ["text"], []
 
-    def keep(self, batch, fitted=None) -> np.ndarray:
+    def verdict(self, batch, fitted=None) -> np.ndarray:
         return detect_languages(batch.column("text").tolist()) == self.lang
 
 
@@ -71,7 +71,7 @@ class CaptionLength(Step):
     def requires(self):
         return ["text"], []
 
-    def keep(self, batch, fitted=None) -> np.ndarray:
+    def verdict(self, batch, fitted=None) -> np.ndarray:
         text = pc.fill_null(batch.arrow("text"), "")
         chars = pc.utf8_length(text).to_numpy(zero_copy_only=False)
         return (count_words(text, self.tokenizer) >= self.min_words) & (chars >= self.min_chars)
@@ -90,7 +90,7 @@ class TextRegex(Step):
     def requires(self):
         return ["text"], []
 
-    def keep(self, batch, fitted=None) -> np.ndarray:
+    def verdict(self, batch, fitted=None) -> np.ndarray:
         text = pc.fill_null(batch.arrow("text"), "")
         drop = np.zeros(len(text), bool)
         if self.drop_pattern:

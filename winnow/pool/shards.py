@@ -6,7 +6,6 @@ Embeddings may be float16 on disk; readers always return float32.
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 import tarfile

@@ -26,7 +26,7 @@ class Pool:
     shards: list[str]
     manifest: dict
     embed_uri: str | None = None  # the embed stage's per-shard outputs, when available
-    scratch: str | None = None    # a run's directory for per-shard values derived once (ShardBatch.cached)
+    scratch: str | None = None    # a run's directory for per-shard values derived once (ShardView.cached)
     target_files: dict = field(default_factory=dict)   # task -> embeddings file (winnow.targets), image targets
 
     @classmethod
@@ -85,15 +85,15 @@ class Pool:
             out |= {f"img:{task}": targets.load(path) for task, path in self.target_files.items()}
         return out
 
-    def batch(self, shard: str) -> "ShardBatch":
-        return ShardBatch(self, shard)
+    def batch(self, shard: str) -> "ShardView":
+        return ShardView(self, shard)
 
 
 class Rows:
     """Some rows of a shard (the samples that reached a step): every column and embedding is read
     as the shard's and indexed alike, so a step computes only on these rows."""
 
-    def __init__(self, batch: "ShardBatch", rows: np.ndarray):
+    def __init__(self, batch: "ShardView", rows: np.ndarray):
         self.batch, self.rows = batch, rows
         self.shard = batch.shard
 
@@ -123,7 +123,7 @@ class Rows:
 
 
 @dataclass
-class ShardBatch:
+class ShardView:
     """One shard's columns and embeddings, each read on first use and only that one: a step that
     needs a score never pays for captions, urls or face boxes."""
     pool: Pool
@@ -169,7 +169,7 @@ class ShardBatch:
         """Row numbers in the shard (a ``Rows`` selection has its own)."""
         return np.arange(len(self))
 
-    def select(self, rows: np.ndarray) -> "ShardBatch | Rows":
+    def select(self, rows: np.ndarray) -> "ShardView | Rows":
         return self if len(rows) == len(self) else Rows(self, rows)
 
     def cached(self, name: str, compute) -> np.ndarray:

@@ -18,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from winnow.config import Pool
+from winnow.config import PoolParams
 from winnow.io import atomic_dir, write_json
-from winnow.pool import shards, world
-from winnow.pool.world import Scene
+from winnow.demo import world
+from winnow.demo.world import Scene
+from winnow.pool import shards
 
 NOISE_KINDS = ["clean", "mismatched", "non_english", "scene_text", "uninformative", "bad_size",
                "exact_duplicate", "near_duplicate"]
@@ -70,7 +71,7 @@ def _stored_size(w: int, h: int, side: int) -> tuple[int, int]:
     return max(4, round(w * scale)), max(4, round(h * scale))
 
 
-def make_samples(cfg: Pool, seed: int) -> list[Sample]:
+def make_samples(cfg: PoolParams, seed: int) -> list[Sample]:
     rng = np.random.default_rng([seed, 1])
     n = cfg.num_samples
     fractions = cfg.noise.model_dump()
@@ -162,7 +163,7 @@ class ClipSimulator:
         return img.astype(np.float16), t.astype(np.float16)
 
 
-def write_pool(cfg: Pool, seed: int, out: str) -> dict:
+def write_pool(cfg: PoolParams, seed: int, out: str) -> dict:
     """Generate the demo pool into ``out`` (replaced atomically). Returns a summary."""
     samples = make_samples(cfg, seed)
     rng = np.random.default_rng([seed, 2])
@@ -225,7 +226,7 @@ def _as_clean(s: Sample) -> Sample:
     return Sample(kind="clean", scene=s.scene, caption=s.caption, caption_scene=s.caption_scene)
 
 
-def write_trusted(cfg: Pool, seed: int, out: str) -> int:
+def write_trusted(cfg: PoolParams, seed: int, out: str) -> int:
     """Clean, well-captioned pairs (incl. signs whose caption names their text) for the scorer."""
     rng = np.random.default_rng([seed, 3])
     samples = []
@@ -250,7 +251,7 @@ def write_trusted(cfg: Pool, seed: int, out: str) -> int:
     return len(samples)
 
 
-def heldout_pairs(cfg: Pool, seed: int, n: int = 400) -> list[tuple]:
+def heldout_pairs(cfg: PoolParams, seed: int, n: int = 400) -> list[tuple]:
     """Fresh (image, caption, kind) pairs from the demo world, for measuring a scorer:
     ``matched``, ``mismatched`` (another scene's caption) and ``scene_text`` (caption = sign text)."""
     rng = np.random.default_rng([seed, 11])
