@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from winnow.config import Pool
-from winnow.pool import demo, shards
-from winnow.pool.world import Scene, render
+from winnow.config import PoolParams
+from winnow.demo import pool as demo
+from winnow.pool import shards
+from winnow.demo.world import Scene, render
 
 
 def test_layout_is_datacomp(demo_pool):
@@ -60,7 +61,7 @@ def test_noise_kinds_labelled_and_realistic(demo_pool):
 
 
 def test_generation_is_deterministic(tmp_path):
-    cfg = Pool(num_samples=80, shard_size=40, trusted_samples=20)
+    cfg = PoolParams(num_samples=80, shard_size=40, trusted_samples=20)
     a = demo.write_pool(cfg, 3, str(tmp_path / "a"))
     b = demo.write_pool(cfg, 3, str(tmp_path / "b"))
     assert a == b

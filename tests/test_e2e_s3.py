@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import MICRO_PARAMS, env_for_subprocess, make_project
+from tests.helpers import MICRO_PARAMS, env_for_subprocess, make_project
 from tests.s3server import BUCKET, SECRET_KEY
 from winnow import publish, s3
 

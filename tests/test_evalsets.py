@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tests.conftest import env_for_subprocess  # noqa: E402
+from tests.helpers import env_for_subprocess  # noqa: E402
 from tests.fixtures import evalsets as F  # noqa: E402
 from winnow import evaluate as E  # noqa: E402
 from winnow import jobs  # noqa: E402
@@ -304,7 +304,7 @@ def test_tasks_stage_fails_naming_missing_sets_unless_partial_is_allowed(evalroo
 
 def test_iter_split_streams_bounded_batches_for_alignment(tmp_path, tiny, always_workers):
     """The alignment-targets API: a demo-layout train split, PIL or preprocessed, in batches."""
-    from winnow.tasks import generate_task
+    from winnow.demo.tasks import generate_task
 
     demo = load_suite("demo")
     shapes = demo.tasks[0]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tests.fixtures import datacomp_pool as fixture_module
-from tests.fixtures.datacomp_pool import build_datacomp_pool, datacomp_pool  # noqa: F401  (fixture)
+from tests.fixtures.datacomp_pool import build_datacomp_pool
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")

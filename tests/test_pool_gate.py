@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MICRO_PARAMS, dvc, make_project
+from tests.helpers import MICRO_PARAMS, dvc, make_project
 
 pytestmark = pytest.mark.slow
 

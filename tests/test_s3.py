@@ -88,7 +88,8 @@ def test_a_pool_on_s3_filters_and_streams_like_the_local_one(s3_server, demo_poo
         a = run(load_recipe(recipe), remote, str(tmp_path / f"s3-{recipe}"))
         b = run(load_recipe(recipe), here, str(tmp_path / f"local-{recipe}"))
         assert (tmp_path / f"s3-{recipe}/uids.npy").read_bytes() == (tmp_path / f"local-{recipe}/uids.npy").read_bytes()
-        assert a["steps"] == b["steps"]
+        timeless = [[{k: v for k, v in step.items() if k != "seconds"} for step in f["steps"]] for f in (a, b)]
+        assert timeless[0] == timeless[1]
     # tars stream from the server: the same samples, in order
     remote_samples = list(shards.iter_tar(uri, "00000001"))
     local_samples = list(shards.iter_tar(str(demo_pool), "00000001"))
