@@ -95,7 +95,7 @@ def test_embed_resumes_per_shard_and_splits_over_devices(demo_pool, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, env_for_subprocess, kill_when
+    from tests.helpers import ROOT, env_for_subprocess, kill_when
 
     spec = _random_checkpoint(tmp_path / "ckpt.pt")
     pool = Pool.open(str(demo_pool))

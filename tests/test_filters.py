@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from winnow.executor import Executor
 from winnow.config import ParamsError
 from winnow.filters.clip_score import ClipScore, top_fraction_threshold

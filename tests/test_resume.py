@@ -1,11 +1,12 @@
-"""Shard-level jobs resume after SIGKILL: finished shards are not redone and the outputs equal an
-uninterrupted run's, byte for byte."""
+"""Every job kind resumes after SIGKILL (filter passes, reshard, evaluation, the scorer stage; embed and
+training in test_embed.py and test_train_resume.py): finished units are not redone and the outputs
+equal an uninterrupted run's."""
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, env_for_subprocess, kill_when
+from tests.helpers import ROOT, env_for_subprocess, kill_when
 
 
 def _bench_pool(path, samples=60000, shards=12):
@@ -82,3 +83,78 @@ def test_killed_reshard_resumes_after_its_last_closed_shard(demo_pool, tmp_path)
     for name, mtime in closed.items():         # closed shards were moved into place, never re-written
         assert (out / name).stat().st_mtime_ns == mtime, name
     assert not build.exists()
+
+
+def test_killed_evaluation_resumes_with_its_finished_tasks(tmp_path, monkeypatch):
+    """Each evaluation task is a unit: after SIGKILL the finished tasks are read back, the others run,
+    and the rows equal an uninterrupted run's."""
+    import torch
+
+    from tests.fixtures import evalsets as F
+    from winnow import evaluate as E
+    from winnow import models
+    from winnow.tasks import Suite, load_suite
+
+    root = tmp_path / "data"
+    F.write_evalsets(root, hf=False)
+    keys = ["cifar10", "vtab/caltech101", "wilds/fmow", "fairness/dollar_street"]
+    torch.manual_seed(0)
+    model, pre, tok = models.load("winnow-tiny", None)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
+    full = {t.key: t for t in load_suite("datacomp38").tasks}
+    suite = Suite(layout="datacomp", tasks=[full[k] for k in keys])
+
+    def evaluate(results, work):
+        return E.evaluate_suite(model, pre, tok, suite, str(root), str(results), batch_size=4, model_id="m",
+                                device="cpu", work_root=str(work))
+
+    ref = evaluate(tmp_path / "ref.jsonl", tmp_path / "refwork")
+    work = tmp_path / "work"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from winnow import evaluate as E, models\nfrom winnow.tasks import Suite, load_suite\n"
+              f"model, pre, tok = models.load('winnow-tiny', {str(tmp_path / 'ckpt.pt')!r})\n"
+              "full = {t.key: t for t in load_suite('datacomp38').tasks}\n"
+              f"suite = Suite(layout='datacomp', tasks=[full[k] for k in {keys!r}])\n"
+              f"E.evaluate_suite(model, pre, tok, suite, {str(root)!r}, {str(tmp_path / 'out.jsonl')!r}, batch_size=4, "
+              f"model_id='m', device='cpu', work_root={str(work)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env_for_subprocess())
+    kill_when(proc, lambda: list(work.glob("evaluate/*/_done/*.json")), poll=0.02)
+    done = sorted(p.stem.replace("__", "/") for p in work.glob("evaluate/*/_done/*.json"))
+    assert 1 <= len(done) < len(keys), f"killed too early or too late: {done}"
+
+    ran, real = [], E.classify
+    monkeypatch.setattr(E, "classify", lambda r, task, *a, **k: ran.append(task.key) or real(r, task, *a, **k))
+    rows = evaluate(tmp_path / "out.jsonl", work)
+    assert sorted(ran) == sorted(set(keys) - set(done))       # only the unfinished tasks ran
+    strip = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in ref]
+
+
+@pytest.mark.slow   # trains the demo scorer twice (killed, then resumed)
+def test_killed_scorer_stage_resumes_from_its_latest_checkpoint(tmp_path):
+    """The scorer is a job of its own (``.winnow/work/scorer/<key>``): its stage, killed after a
+    checkpoint, resumes from it when run again."""
+    from tests.helpers import MICRO_PARAMS, make_project
+
+    params = {**MICRO_PARAMS, "pool": {**MICRO_PARAMS["pool"], "num_samples": 200, "shard_size": 100, "trusted_samples": 192},
+              "scorer": {**MICRO_PARAMS["scorer"], "min_auc": 0.0,    # resumption, not quality
+                         "train": {**MICRO_PARAMS["scorer"]["train"], "epochs": 4}}}
+    project = make_project(tmp_path / "project", params)
+    env = env_for_subprocess()
+    for stage in ("pool", "plan"):
+        subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.scorer"], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from winnow.train import _checkpoint_epoch
+
+    def saved():        # epoch 1's checkpoint is complete (it loads)
+        return any(_checkpoint_epoch(c) == 1 for c in project.glob(".winnow/work/scorer/*/run/checkpoints/epoch_1.pt"))
+
+    kill_when(proc, saved, timeout=600, poll=0.2)
+    assert not (project / "models" / "scorer" / "checkpoint.pt").exists(), "killed too late"
+    again = subprocess.run([sys.executable, "-m", "stages.scorer"], cwd=project, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (project / "models" / "scorer" / "train.log").read_text()
+    assert "=> resuming checkpoint" in log and "(epoch 1)" in log
+    assert not list(project.glob(".winnow/work/scorer/*"))         # released once the model is out

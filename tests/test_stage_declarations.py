@@ -59,7 +59,7 @@ def test_params_keys_exist_in_params_yaml():
 
 def test_params_keys_exist_in_the_test_projects_params():
     """The end-to-end projects write a shorter params.yaml (defaults left out): dvc fails there too."""
-    from conftest import MICRO_PARAMS
+    from tests.helpers import MICRO_PARAMS
 
     missing = _missing_keys(MICRO_PARAMS)
     assert not missing, f"missing from MICRO_PARAMS: {missing}; list the whole section in dvc.yaml or add the key"

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tests.conftest import ROOT, env_for_subprocess
+from tests.helpers import ROOT, env_for_subprocess
 
 SCRIPT = """
 import json, sys
