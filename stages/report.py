@@ -23,6 +23,9 @@ def body(p: Params) -> dict:
     run = report.collect(earlier=earlier)
     figs = report.figures(run, "data/pool")
     PLOTS.mkdir(parents=True, exist_ok=True)
+    for old in PLOTS.glob("*.png"):     # an earlier recipe's figures (its steps' grids) are not this run's
+        if old.stem not in {stem for stem, _, _ in figs}:
+            old.unlink()
     for stem, _, png in figs:
         with atomic_file(PLOTS / f"{stem}.png") as tmp:
             Path(tmp).write_bytes(png)
