@@ -20,12 +20,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests.fixtures.datacomp_pool import datacomp_pool  # noqa: E402,F401  (session fixture, for every module)
-# Backwards-compatible names for the modules that still import helpers from conftest (their owners
-# move them to tests.helpers): test_embed, test_resume, test_train_resume, test_filters, test_jobs,
-# test_stage_declarations.
-from tests.helpers import (  # noqa: E402,F401
-    MICRO_PARAMS, ROOT, dvc, env_for_subprocess, kill_when, make_project,
-)
+from tests.helpers import MICRO_PARAMS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
