@@ -37,12 +37,38 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def generate(out: Path, samples: int, shards_n: int, dim: int, seed: int = 0) -> None:
-    import pyarrow as pa
-
-    from winnow.io import write_json
+def caption_vocab(rng) -> np.ndarray:
+    """A vocabulary of captions, drawn per row: realistic lengths and a language mix."""
     from winnow.demo import world
     from winnow.demo.world import Scene
+
+    vocab = [world.caption_en(Scene.random(rng), rng) for _ in range(5000)]
+    vocab += [world.caption_foreign(Scene.random(rng), rng)[0] for _ in range(600)]
+    vocab += [world.caption_uninformative(rng) for _ in range(400)]
+    return np.array(vocab, dtype=object)
+
+
+def meta_table(rng, per: int, vocab: np.ndarray, score: np.ndarray):
+    """One shard's metadata with DataComp's nine columns; ``score`` is the L/14 similarity."""
+    import pyarrow as pa
+
+    from winnow.pool import shards
+
+    hexes = [r.tobytes().hex() for r in rng.integers(0, 256, (per, 16), dtype=np.uint8)]
+    w = rng.integers(64, 2000, per)
+    h = (w / rng.uniform(0.3, 3.5, per)).astype(np.int64).clip(32)
+    return pa.table({
+        "uid": hexes, "url": [f"https://example.com/{x}.jpg" for x in hexes], "text": vocab[rng.integers(0, len(vocab), per)].tolist(),
+        "original_width": w, "original_height": h,
+        "clip_b32_similarity_score": (score + rng.normal(0.03, 0.02, per)).astype(np.float32),
+        "clip_l14_similarity_score": score.astype(np.float32),
+        "face_bboxes": pa.array([[]] * per, type=pa.list_(pa.list_(pa.float64()))),
+        "sha256": [r.tobytes().hex() for r in rng.integers(0, 256, (per, 32), dtype=np.uint8)],
+    }, schema=shards.META_SCHEMA)
+
+
+def generate(out: Path, samples: int, shards_n: int, dim: int, seed: int = 0) -> None:
+    from winnow.io import write_json
     from winnow.pool import shards
 
     spec = {"samples": samples, "shards": shards_n, "dim": dim, "seed": seed}
@@ -51,15 +77,9 @@ def generate(out: Path, samples: int, shards_n: int, dim: int, seed: int = 0) ->
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     per = samples // shards_n
-    # a vocabulary of captions, drawn per row: realistic lengths and a language mix
-    vocab = [world.caption_en(Scene.random(rng), rng) for _ in range(5000)]
-    vocab += [world.caption_foreign(Scene.random(rng), rng)[0] for _ in range(600)]
-    vocab += [world.caption_uninformative(rng) for _ in range(400)]
-    vocab = np.array(vocab, dtype=object)
+    vocab = caption_vocab(rng)
     for n in range(shards_n):
         t0 = time.time()
-        hexes = [r.tobytes().hex() for r in rng.integers(0, 256, (per, 16), dtype=np.uint8)]
-        text = vocab[rng.integers(0, len(vocab), per)]
         img = rng.standard_normal((per, dim), dtype=np.float32)
         txt = rng.standard_normal((per, dim), dtype=np.float32)
         img /= np.linalg.norm(img, axis=1, keepdims=True)
@@ -67,17 +87,7 @@ def generate(out: Path, samples: int, shards_n: int, dim: int, seed: int = 0) ->
         txt /= np.linalg.norm(txt, axis=1, keepdims=True)
         img16, txt16 = img.astype(np.float16), txt.astype(np.float16)
         score = np.einsum("nd,nd->n", img16.astype(np.float32), txt16.astype(np.float32))
-        w = rng.integers(64, 2000, per)
-        h = (w / rng.uniform(0.3, 3.5, per)).astype(np.int64).clip(32)
-        table = pa.table({
-            "uid": hexes, "url": [f"https://example.com/{x}.jpg" for x in hexes[:per]], "text": text.tolist(),
-            "original_width": w, "original_height": h,
-            "clip_b32_similarity_score": (score + rng.normal(0.03, 0.02, per)).astype(np.float32),
-            "clip_l14_similarity_score": score.astype(np.float32),
-            "face_bboxes": pa.array([[]] * per, type=pa.list_(pa.list_(pa.float64()))),
-            "sha256": [r.tobytes().hex() for r in rng.integers(0, 256, (per, 32), dtype=np.uint8)],
-        }, schema=shards.META_SCHEMA)
-        shards.write_meta(str(out), shards.stem(n), table)
+        shards.write_meta(str(out), shards.stem(n), meta_table(rng, per, vocab, score))
         shards.write_npz(str(out), shards.stem(n), {"l14_img": img16, "l14_txt": txt16})
         print(f"generated shard {n + 1}/{shards_n} in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
     write_json(out / "manifest.json", {"source": "bench", "uri": ".", "bench": spec,

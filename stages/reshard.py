@@ -1,12 +1,12 @@
 """Stage `reshard`: the subset as webdataset shards (duplicates = copies) + meta.json;
-gate: every selected uid was written as often as selected."""
+gate: every selected uid is in the pool, and the written share is at least the download floor."""
 import pandas as pd
 
 from winnow.config import Params
 from winnow.jobs import WORK_ROOT
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
-from winnow.reshard import reshard
+from winnow.reshard import plan, reshard
 from winnow.stage import main
 from winnow.validate import Gate, expect
 
@@ -16,8 +16,9 @@ OUT = "data/subset"
 def body(p: Params) -> dict:
     subset = U.load("data/filter/uids.npy")
     pool = Pool.open("data/pool")
+    where = plan(pool, subset)       # which shards hold the subset: one shard's uids at a time
     meta = reshard(pool, subset, OUT, shard_size=p.pool.shard_size,
-                   work_root=WORK_ROOT)   # closed output shards survive a kill
+                   work_root=WORK_ROOT, where=where)   # closed output shards survive a kill
     E = expect()
     gate = Gate("reshard")
     # uids whose image never downloaded are expected on real pools (the resharder warns); on a
@@ -25,6 +26,9 @@ def body(p: Params) -> dict:
     floor = p.pool.min_downloaded if pool.is_download else 0.8
     row = {"output_count": meta["output_count"], "output_shard_count": meta["output_shard_count"],
            "written_fraction": meta["output_count"] / max(1, meta["input_uids"])}
+    gate.check("subset", pd.DataFrame([{"selected": where["selected"], "not_in_pool": where["not_in_pool"],
+                                        "examples": ", ".join(where["not_in_pool_examples"])}]),
+               [E.ExpectColumnValuesToBeBetween(column="not_in_pool", max_value=0)], id_column="examples")
     gate.check("meta", pd.DataFrame([row]), [
         E.ExpectColumnValuesToBeBetween(column="written_fraction", min_value=floor, max_value=1.0),
         E.ExpectColumnValuesToBeBetween(column="output_shard_count", min_value=1),

@@ -298,9 +298,12 @@ def terminate_unwinds() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_file(uri: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(uri: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``uri``; fsync it and rename it onto ``uri`` only if the block
-    succeeds, then fsync the directory. Stale temp siblings of killed writers are swept first."""
+    succeeds, then fsync the directory. Stale temp siblings of killed writers are swept first.
+    ``durable=False`` skips both fsyncs: still atomic against a killed process (the page cache
+    outlives it), not against a power cut — for a job's per-unit files, which winnow.jobs discards
+    after a reboot."""
     dest = local(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(dest.parent)
@@ -310,9 +313,11 @@ def atomic_file(uri: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
         try:
             yield tmp
-            fsync_file(tmp)
+            if durable:
+                fsync_file(tmp)
             os.replace(tmp, dest)
-            fsync_dir(dest.parent)
+            if durable:
+                fsync_dir(dest.parent)
         finally:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
@@ -344,8 +349,8 @@ def atomic_dir(uri: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(uri: str | os.PathLike, obj) -> None:
-    with atomic_file(uri) as tmp:
+def write_json(uri: str | os.PathLike, obj, durable: bool = True) -> None:
+    with atomic_file(uri, durable) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +29,20 @@ from winnow.executor import SERIAL, Executor
 
 SMALL_FILE = 1 << 20   # inputs up to this size are identified by their bytes, larger ones by size + mtime
 WORK_ROOT = ".winnow/work"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()
+# Per-unit files (outputs and markers) skip fsync where a reboot can be told apart: a work directory
+# written before the last boot is discarded (WorkDir), so a power cut never leaves a marker whose
+# outputs were lost. Elsewhere they are fsynced like every other write.
+UNIT_DURABLE = not BOOT_ID
 
 
 def _identity(path: Path) -> list:
@@ -108,6 +123,12 @@ class WorkDir:
         self.key = key.digest() if isinstance(key, Key) else key
         self.root = Path(root) / job
         self.path = wio.keyed_work_dir(self.root, self.key)     # other keys' leftovers go
+        boot = self.path / "_boot"
+        if BOOT_ID and (not boot.exists() or boot.read_text() != BOOT_ID):   # unsynced files from before a reboot
+            for old in list(self.path.iterdir()):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            with wio.atomic_file(boot) as tmp:
+                tmp.write_text(BOOT_ID)
         if isinstance(key, Key):   # which inputs made this key: a re-run that does not resume can be explained
             wio.write_json(self.path / "_key.json", {k: digest(v, 12) for k, v in key.parts.items()})
 
@@ -128,7 +149,7 @@ class WorkDir:
 
     def mark(self, unit: str, stats: dict, unit_key: str | None = None) -> None:
         """Record the unit complete: called after its outputs are written, so a marker means they are."""
-        wio.write_json(self._marker(unit), {"key": unit_key, "stats": stats})
+        wio.write_json(self._marker(unit), {"key": unit_key, "stats": stats}, durable=UNIT_DURABLE)
 
     def finished(self) -> dict[str, dict]:
         d = self.path / "_done"

@@ -19,8 +19,11 @@ from winnow.pool import uids as U
 from winnow.pool.view import Pool
 
 
-def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000, work_root: str | None = None) -> dict:
-    """Write the subset under ``out`` (atomic). With ``work_root``, output shards are built in the
+def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000, work_root: str | None = None,
+            where: dict | None = None) -> dict:
+    """Write the subset under ``out`` (atomic), reading only the image shards that hold selected
+    samples (``where``: the subset's :func:`plan`, computed here when not given). With
+    ``work_root``, output shards are built in the
     job's work directory (keyed by the pool's content, the subset, the shard size and the code),
     each unit an output shard marked complete when closed: a killed run resumes after the last
     complete shard (the input is re-read up to that point, nothing finished is re-written), and the
@@ -30,7 +33,7 @@ def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000, w
     try:
         work = jobs.WorkDir("reshard", work_key(pool, subset, shard_size), work_root or tmp_root)
         with atomic_dir(out) as tmp:
-            meta = _write(pool, subset, work, shard_size)
+            meta = _write(pool, subset, work, shard_size, (where or plan(pool, subset))["image_shards"])
             for f in sorted(work.path.glob("*.tar")):
                 os.replace(f, tmp / f.name)
             for name in ("sample_ids.npy", "meta.json"):
@@ -40,6 +43,31 @@ def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000, w
         if tmp_root:
             shutil.rmtree(tmp_root, ignore_errors=True)
     return meta
+
+
+def plan(pool: Pool, subset: np.ndarray, examples: int = 5) -> dict:
+    """Where the subset lies in the pool, one shard's uid column at a time: per shard how many
+    selected samples it holds (copies counted), the image shards that hold any (the only tars the
+    resharder opens), and the selected uids the pool lacks (count and a few examples). Memory: the
+    subset, one bit per selected entry and one shard."""
+    U.check_subset(subset)
+    found = np.zeros(len(subset), bool)
+    keys = U.byte_keys(subset)
+    per_shard, rows = {}, 0
+    for shard in tqdm(pool.shards, desc="reshard plan", unit="shard", disable=len(pool.shards) < 2):
+        q = U.hex_to_array(shards.read_meta(pool.uri, shard, columns=["uid"])["uid"].to_numpy(zero_copy_only=False),
+                           sort=False)
+        rows += len(q)
+        lo, hi = U.search(keys, q)
+        if (n := int((hi - lo).sum())):
+            per_shard[shard] = n
+            for a, b in zip(lo[hi > lo], hi[hi > lo]):
+                found[a:b] = True
+    missing = np.flatnonzero(~found)
+    image_shards = set().union(*(pool.image_shards(s) for s in per_shard)) if per_shard else set()
+    return {"pool_rows": rows, "selected": int(len(subset)), "per_shard": per_shard,
+            "image_shards": [s for s in pool.all_image_shards() if s in image_shards],
+            "not_in_pool": int(len(missing)), "not_in_pool_examples": U.array_to_hex(subset[missing[:examples]]).tolist()}
 
 
 def work_key(pool: Pool, subset: np.ndarray, shard_size: int) -> jobs.Key:
@@ -58,7 +86,7 @@ def _complete(work) -> list[int]:
     return counts
 
 
-def _write(pool: Pool, subset: np.ndarray, work, shard_size: int) -> dict:
+def _write(pool: Pool, subset: np.ndarray, work, shard_size: int, image_shards: list[str]) -> dict:
     import webdataset as wds
 
     build = work.path
@@ -73,7 +101,7 @@ def _write(pool: Pool, subset: np.ndarray, work, shard_size: int) -> dict:
         work.mark(f"{len(counts) - 1:08d}", {"count": counts[-1]})
 
     unreadable = []
-    for shard in tqdm(pool.all_image_shards(), desc="reshard", unit="shard"):
+    for shard in tqdm(image_shards, desc="reshard", unit="shard"):   # the tars that hold selected samples
         samples = []
         try:
             for s in shards.iter_tar(pool.images_uri, shard):
@@ -83,9 +111,7 @@ def _write(pool: Pool, subset: np.ndarray, work, shard_size: int) -> dict:
             unreadable.append(str(exc))
         if not samples:
             continue
-        q = U.hex_to_array([s["json"]["uid"] for s in samples], sort=False)
-        lo = np.searchsorted(subset, q, side="left")
-        hi = np.searchsorted(subset, q, side="right")
+        lo, hi = U.search(subset, U.hex_to_array([s["json"]["uid"] for s in samples], sort=False))
         for s, a, b in zip(samples, lo, hi):
             if b == a:
                 continue

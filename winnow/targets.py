@@ -20,11 +20,12 @@ from winnow.config import ParamsError
 KEYS = ("image_features", "features", "embeddings")
 
 
-def load(path: str | list[str]) -> np.ndarray:
-    """An (n, d) float32 array of unit rows from an embeddings file, or from several concatenated
-    (DataComp ships its ImageNet-1k features in parts); a bad file is a ParamsError naming it."""
+def load(path: str | list[str], normalize: bool = True) -> np.ndarray:
+    """An (n, d) float32 array of unit rows (as stored with ``normalize=False``) from an embeddings
+    file, or from several concatenated (DataComp ships its ImageNet-1k features in parts); a bad
+    file is a ParamsError naming it."""
     if isinstance(path, (list, tuple)):
-        parts = [load(p) for p in path]
+        parts = [load(p, normalize) for p in path]
         if len({x.shape[1] for x in parts}) > 1:
             raise ParamsError(f"targets files {path} have different widths {[x.shape[1] for x in parts]}")
         return np.concatenate(parts)
@@ -60,4 +61,4 @@ def load(path: str | list[str]) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != 2 or not len(arr) or not np.isfinite(arr).all():
         raise ParamsError(f"targets file {path}: expected a finite (n, d) array, got shape {arr.shape}")
-    return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
+    return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12) if normalize else arr

@@ -183,18 +183,33 @@ class Clusters:
 class _KMeansStep(Step):
     """A global step whose fit starts with k-means over a sample of the survivors' image embeddings:
     passes 0-1 draw the sample (SurvivorSample) on the executor, the driver fits the centroids.
+    With ``centroids`` (a file of pool-wide centroids, as DataComp ships per scale) nothing is
+    sampled or fitted: the passes read nothing and the driver loads them, as they are stored.
     Subclasses declare ``key``, ``clusters``, ``sample``, ``seed`` and continue in ``clustered``
     (driver) or in further passes. The state is a :class:`Clusters`."""
     is_global = True
     fit_passes = 2
+    centroids: str | None = None
+
+    def files(self) -> list[str]:
+        return [self.centroids] if self.centroids else []
 
     def fit_begin(self, pool) -> Clusters:
-        return Clusters(sample=SurvivorSample(self.key, self.sample, self.seed))
+        return Clusters(sample=None if self.centroids else SurvivorSample(self.key, self.sample, self.seed))
 
     def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: Clusters):
-        return state.sample.part(batch, alive, pass_no)
+        return None if state.sample is None else state.sample.part(batch, alive, pass_no)
 
     def fit_reduce(self, parts, pass_no: int, state: Clusters) -> Clusters:
+        if state.sample is None:
+            for _ in parts:   # the passes' units: nothing to combine
+                pass
+            if pass_no == 1:
+                from winnow import targets
+
+                state.centroids = targets.load(self.centroids, normalize=False)
+                self.clustered(state)
+            return state
         x = state.sample.reduce(parts, pass_no)
         if pass_no == 1:
             state.centroids, state.sample = _kmeans(x, self.clusters, self.seed), None

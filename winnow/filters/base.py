@@ -39,6 +39,10 @@ class Step(BaseModel):
         """(metadata/score columns, embedding keys) this step reads — checked before any work."""
         return [], []
 
+    def files(self) -> list[str]:
+        """Input files the step reads besides the pool (their content keys the filter's work)."""
+        return []
+
     def needs_fit(self) -> bool:
         return self.is_global
 

@@ -130,7 +130,7 @@ def _probe(recipe: Recipe, pool: Pool, shard: str) -> tuple[str | None, list[str
     keys = sorted({k for s in recipe.steps for k in s.requires()[1]})
     try:
         b = pool.batch(shard)
-        n = len(b.column("uid"))
+        n = len(b.arrow("uid"))
         have = [c for c in cols if c in b.columns()] + [k for k in keys if k in b.embedding_keys()]
         for k in (k for k in keys if k in b.embedding_keys()):
             if (rows := b.embedding_rows(k)) != n:
@@ -269,7 +269,7 @@ def _decide_group(steps: list[Step], fitted: list, start: int, starts: list[int]
     """One group's verdicts on one shard (a unit of a pass), written to the work directory."""
     batch = pool.batch(unit)
     out, seconds = _decide(steps, fitted, batch, _alive(_prior(work, starts, unit), len(batch)), decide)
-    with atomic_file(work / f"{start}-{unit}.npz") as tmp, open(tmp, "wb") as fh:
+    with atomic_file(work / f"{start}-{unit}.npz", jobs.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{f"v{i}": v for i, v in enumerate(out)})
     return {"seconds": seconds}
 
@@ -289,7 +289,7 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
     vs = [v for f in _prior(work, starts, unit) for v in _load(f)]   # the earlier groups' verdicts, read once
     last_vs, seconds = _decide(steps[last:], fitted[last:], batch, _kept(vs, len(batch)), decide)
     vs += last_vs
-    uid = batch.column("uid")
+    uid = batch.arrow("uid")
     n = len(uid)
     cols: dict = {"uid": uid}
     for lab, step, fit in zip(labels, steps, fitted):
@@ -314,10 +314,12 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
         counts["download"] = {"downloaded": int(image.sum()), "kept_without_image": int((alive & ~image).sum())}
     cols.update(shard=pa.array(np.full(n, unit), pa.string()), dropped_by=pa.array(dropped_by, pa.string()),
                 multiplicity=mult)
-    with atomic_file(work / f"decisions-{unit}.parquet") as tmp:
-        pq.write_table(pa.table(cols), tmp)
-    with atomic_file(work / f"kept-{unit}.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, U.hex_to_array(np.repeat(uid[alive], mult[alive]), sort=False), allow_pickle=False)
+    with atomic_file(work / f"decisions-{unit}.parquet", jobs.UNIT_DURABLE) as tmp:
+        # a part is read back once, by _merge: no compression, dictionaries only where values repeat
+        pq.write_table(pa.table(cols), tmp, compression="none", use_dictionary=["shard", "dropped_by"])
+    with atomic_file(work / f"kept-{unit}.npy", jobs.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
+        kept = U.hex_to_array(uid.filter(pa.array(alive)), sort=False)    # only kept uids are parsed, as before
+        np.save(fh, np.repeat(kept, mult[alive]), allow_pickle=False)
     return counts
 
 
@@ -347,8 +349,8 @@ def work_key(recipe: Recipe, pool: Pool, decide: str) -> jobs.Key:
                                     steps=[[s.kind, s.model_dump(mode="json")] for s in recipe.steps], decide=decide,
                                     manifest=pool.manifest)
     return key.files(pool=pool.uri, images=pool.images_uri if pool.is_download else None, embed=pool.embed_uri,
-                     targets=sorted(str(f) for fs in recipe.targets.values() for f in ([fs] if isinstance(fs, str) else fs))
-                     ).code(__name__, *sorted({type(s).__module__ for s in recipe.steps}))
+                     targets=sorted(str(f) for fs in recipe.targets.values() for f in ([fs] if isinstance(fs, str) else fs)),
+                     step_files=[f for s in recipe.steps for f in s.files()]).code(__name__, *sorted({type(s).__module__ for s in recipe.steps}))
 
 
 def _groups(steps: list[Step]) -> list[tuple[int, int]]:

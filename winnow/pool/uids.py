@@ -27,20 +27,52 @@ _SHIFTS = (4 * np.arange(15, -1, -1)).astype(np.uint64)
 _HEXCHARS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
+def _arrow_bytes(col) -> np.ndarray | None:
+    """An Arrow string column's characters as an (n, 32) uint8 view of its data buffer, when every
+    value is present and 32 bytes long (no copy, no Python object per uid); else None."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if not pa.types.is_string(col.type) or col.null_count:
+        return None
+    offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset: col.offset + len(col) + 1]
+    if len(col) and not (np.diff(offsets) == 32).all():
+        return None
+    data = np.frombuffer(col.buffers()[2], np.uint8) if len(col) else np.zeros(0, np.uint8)
+    return data[offsets[0]: offsets[0] + 32 * len(col)].reshape(-1, 32)
+
+
 def hex_to_array(uids, sort: bool = True) -> np.ndarray:
-    """Vectorised: parse 32-hex uid strings into a ``u8,u8`` array (sorted unless told not to)."""
-    arr = np.asarray(uids, dtype=object if not isinstance(uids, np.ndarray) else None)
-    out = np.empty(len(arr), dtype=UID_DTYPE)
-    if len(arr):
-        lengths = np.fromiter((len(u) if isinstance(u, str) else -1 for u in arr), int, len(arr))
-        if (lengths != 32).any():
-            bad = arr[lengths != 32][:3].tolist()
-            raise UidError(f"{int((lengths != 32).sum())} uid(s) are not 32 hex characters, e.g. {bad}")
-        raw = np.frombuffer(arr.astype("S32").tobytes(), np.uint8).reshape(-1, 32)
+    """Vectorised: parse 32-hex uid strings (a sequence, or an Arrow string column: read straight
+    from its buffer) into a ``u8,u8`` array (sorted unless told not to)."""
+    raw = _arrow_bytes(uids) if hasattr(uids, "buffers") or hasattr(uids, "chunks") else None
+    if raw is None and (hasattr(uids, "buffers") or hasattr(uids, "chunks")):
+        uids = uids.to_numpy(zero_copy_only=False)
+    arr = None
+    if raw is None:
+        arr = np.asarray(uids, dtype=object if not isinstance(uids, np.ndarray) else None)
+        if len(arr):
+            lengths = np.fromiter((len(u) if isinstance(u, str) else -1 for u in arr), int, len(arr))
+            if (lengths != 32).any():
+                bad = arr[lengths != 32][:3].tolist()
+                raise UidError(f"{int((lengths != 32).sum())} uid(s) are not 32 hex characters, e.g. {bad}")
+            raw = np.frombuffer(arr.astype("S32").tobytes(), np.uint8).reshape(-1, 32)
+        else:
+            raw = np.zeros((0, 32), np.uint8)
+    out = np.empty(len(raw), dtype=UID_DTYPE)
+    try:   # C speed; whitespace, which fromhex skips, shows as a short result and takes the slow path
+        words = np.frombuffer(bytes.fromhex(raw.tobytes().decode("ascii")), ">u8")
+    except (ValueError, UnicodeDecodeError):
+        words = None
+    if words is not None and len(words) == 2 * len(raw):
+        out["f0"], out["f1"] = words[0::2], words[1::2]
+    elif len(raw):
         nib = _LUT[raw]
         if (nib == 255).any():
             rows = np.flatnonzero((nib == 255).any(axis=1))[:3]
-            raise UidError(f"uid(s) with non-hex characters, e.g. {arr[rows].tolist()}")
+            bad = arr[rows].tolist() if arr is not None else [bytes(r).decode("utf-8", "replace") for r in raw[rows]]
+            raise UidError(f"uid(s) with non-hex characters, e.g. {bad}")
         nib = nib.astype(np.uint64)
         out["f0"] = (nib[:, :16] << _SHIFTS).sum(axis=1, dtype=np.uint64)
         out["f1"] = (nib[:, 16:] << _SHIFTS).sum(axis=1, dtype=np.uint64)
@@ -97,8 +129,25 @@ def load(path) -> np.ndarray:
     return arr
 
 
+def byte_keys(arr: np.ndarray) -> np.ndarray:
+    """Each uid as 16 big-endian bytes (``S16``): they order as the ``u8,u8`` pairs do, and numpy
+    compares them with memcmp — searchsorted is ~10x faster than on the structured dtype."""
+    return np.ascontiguousarray(arr.astype([("f0", ">u8"), ("f1", ">u8")])).view("S16").ravel()
+
+
+def search(subset: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) of each ``query`` uid in the sorted ``subset`` (``hi - lo``: its multiplicity);
+    ``subset`` may be given as its byte_keys, converted once for many queries."""
+    keys = subset if subset.dtype == np.dtype("S16") else byte_keys(subset)
+    q = byte_keys(query)
+    order = np.argsort(q, kind="stable")     # ascending queries walk the subset once: cache-friendly
+    lo, hi = np.empty(len(q), np.intp), np.empty(len(q), np.intp)
+    lo[order] = np.searchsorted(keys, q[order], side="left")
+    hi[order] = np.searchsorted(keys, q[order], side="right")
+    return lo, hi
+
+
 def multiplicity(subset: np.ndarray, query: np.ndarray) -> np.ndarray:
     """How many times each ``query`` uid occurs in the sorted ``subset`` (0 = not selected)."""
-    lo = np.searchsorted(subset, query, side="left")
-    hi = np.searchsorted(subset, query, side="right")
+    lo, hi = search(subset, query)
     return hi - lo

@@ -184,7 +184,9 @@ class ShardView:
         else:
             value = np.asarray(compute())
             if path is not None:
-                with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+                from winnow.jobs import UNIT_DURABLE   # scratch lives in a job's work dir
+
+                with atomic_file(path, UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, value)
         self._derived[name] = value
         return value
