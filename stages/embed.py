@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from winnow import models
@@ -63,38 +64,44 @@ def body(p: Params) -> dict:
                 shutil.copy2(f, tmp / f.name)
         targets = embed_targets(load_suite(p.eval.suite), str(cache_local(p.eval.data_root)), model, pre, tok, str(tmp),
                                 batch_size=p.embed.batch_size, workers=p.embed.workers) if plan["targets"] else {}
-        frames = []
-        for s in (pool.shards if encode else []):
-            df = pd.read_parquet(tmp / f"{s}.parquet")
-            arr = shards.read_npz(str(tmp), s)
-            ok = df["image_ok"].to_numpy()
-            unit = np.ones(len(df), bool)
-            for k, v in arr.items():
-                rows = ok if k.endswith(("_img", "_img_flip")) else np.ones(len(df), bool)
-                norm = np.linalg.norm(v, axis=1)
-                unit &= ~rows | (np.isfinite(norm) & (np.abs(norm - 1) < 1e-2))
-            df["unit_norm"] = unit
-            frames.append(df)
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"image_ok": [], "unit_norm": []})
+        counts = {"rows": 0, "embedded": 0}
+
+        def frames():
+            """The embed outputs one shard at a time, with whether each row's embeddings are unit."""
+            for s in pool.shards:
+                df = pd.read_parquet(tmp / f"{s}.parquet")
+                arr = shards.read_npz(str(tmp), s)
+                ok = df["image_ok"].to_numpy()
+                unit = np.ones(len(df), bool)
+                for k, v in arr.items():
+                    rows = ok if k.endswith(("_img", "_img_flip")) else np.ones(len(df), bool)
+                    norm = np.linalg.norm(v, axis=1)
+                    unit &= ~rows | (np.isfinite(norm) & (np.abs(norm - 1) < 1e-2))
+                df["unit_norm"] = unit
+                counts["rows"] += len(df)
+                counts["embedded"] += int(ok.sum())
+                yield df
+
         pixels = bool({"img", "flip"} & set(encode))
         E = expect()
         gate = Gate("embed")
-        rules = [E.ExpectColumnValuesToBeInSet(column="unit_norm", value_set=[True])]
-        if pixels:   # on a download, rows whose image never downloaded have none: link rot is normal
-            floor = p.pool.min_downloaded if pool.is_download else 0.8
-            rules.append(E.ExpectColumnValuesToBeInSet(column="image_ok", value_set=[True], mostly=floor))
-        for col in (f"{name}_score", f"{name}_flip_score"):
-            if col in df:
-                rules.append(E.ExpectColumnValuesToBeBetween(column=col, min_value=-1.0001, max_value=1.0001))
-        if len(df):
-            gate.check("embeddings", df, rules)
+        if encode:
+            columns = pq.read_schema(tmp / f"{pool.shards[0]}.parquet").names   # every shard's: one writer
+            rules = [E.ExpectColumnValuesToBeInSet(column="unit_norm", value_set=[True])]
+            if pixels:   # on a download, rows whose image never downloaded have none: link rot is normal
+                floor = p.pool.min_downloaded if pool.is_download else 0.8
+                rules.append(E.ExpectColumnValuesToBeInSet(column="image_ok", value_set=[True], mostly=floor))
+            for col in (f"{name}_score", f"{name}_flip_score"):
+                if col in columns:
+                    rules.append(E.ExpectColumnValuesToBeBetween(column=col, min_value=-1.0001, max_value=1.0001))
+            gate.check_stream("embeddings", frames(), rules)
         if pixels and per_shard:
             gate.check("shards", pd.DataFrame(per_shard).drop(columns=["corrupt_uids"]), [
                 E.ExpectColumnValuesToBeBetween(column="embedded", min_value=1),
             ], id_column="shard")
         gate.finish()
         suffix = {"img": "_img", "flip": "_img_flip", "txt": "_txt"}
-        summary = {"shards": len(per_shard), "rows": int(len(df)), "embedded": int(df.image_ok.sum()),
+        summary = {"shards": len(per_shard), "rows": counts["rows"], "embedded": counts["embedded"],
                    "corrupt_images": int(sum(r["corrupt_images"] for r in per_shard)),
                    "missing_images": int(sum(r["missing_images"] for r in per_shard)),
                    "unreadable_tars": int(sum(bool(r.get("tar_error")) for r in per_shard)),
