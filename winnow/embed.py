@@ -9,7 +9,9 @@ are quarantined: NaN embeddings, ``image_ok = False``, counted in the summary â€
 never silently dropped; the stage's gate decides by threshold (share of rows with an image).
 
 Streaming: shards are read, decoded, preprocessed (original and mirrored) and tokenised in
-DataLoader worker processes while the model encodes the previous batch; on a GPU, batches are pinned
+DataLoader worker processes while the model encodes the previous batch; a shard's images are
+decoded and batched as its tar is read, in row order whatever the tar's order (``ShardStream``), so
+a worker holds about one batch of decoded images, not a shard's; on a GPU, batches are pinned
 and copied asynchronously, the model runs in bf16 autocast, channels-last, optionally
 ``torch.compile``d. Resumable: the shards are the units of a job (winnow.jobs) whose work directory
 the caller keys; a shard's outputs are written there and its completion marker last, so a re-run
@@ -19,6 +21,9 @@ per device.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -44,12 +49,73 @@ def _encode(model, fn, batches) -> np.ndarray:
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
+class _InOrder:
+    """The expectation for a pool's own tar (the demo's, ``pool.shards.write_tar``'s): samples in row
+    order, so a row is settled once a later row has arrived (a row not seen by then has no image)."""
+
+    def __init__(self):
+        self.last = -1
+
+    def seen(self, row: int) -> None:
+        self.last = max(self.last, row)
+
+    def settled(self) -> int:
+        return self.last
+
+
+class _Recorded:
+    """The expectation for a download's image shards: img2dataset records every sample it wrote
+    (status ``success``), in completion order, not row order; a row is settled once its recorded
+    samples have arrived, so the rows below the smallest still awaited are."""
+
+    def __init__(self, counts: dict[int, int]):
+        self.left = dict(counts)
+        self.heap = sorted(counts)
+
+    def seen(self, row: int) -> None:
+        if self.left.get(row, 0) > 0:
+            self.left[row] -= 1
+        while self.heap and self.left[self.heap[0]] == 0:
+            heapq.heappop(self.heap)
+
+    def settled(self) -> int:
+        return self.heap[0] if self.heap else math.inf
+
+
+class _AtEnd:
+    """No expectation: nothing is settled before the tar has been read (every sample is held, encoded)."""
+
+    def seen(self, row: int) -> None:
+        pass
+
+    def settled(self) -> int:
+        return -1
+
+
+class _OutOfOrder(Exception):
+    """A sample gave a row an image after that row's batch had been formed."""
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Items per shard, produced in worker processes (each worker takes every n-th shard):
-    ``("start", shard, info)`` with uids, tokens and quarantine counts, then per batch either
+    ``("start", shard, info)`` with the uids and tokens, then per batch either
     ``("images", shard, rows, x, x_flipped)`` (decoded and preprocessed here, ``decode="pil"``) or
     ``("jpegs", shard, rows, [uint8 tensors])`` (encoded bytes for tensor decode on the model's
-    device, ``decode="tensor"``), then ``("end", shard, None)``."""
+    device, ``decode="tensor"``), then ``("end", shard, tail)`` with what is known only once the tar
+    has been read: ``corrupt`` (uids, in tar order), ``unknown`` (samples of no uid of the shard)
+    and ``tar_error``. A ``("restart", shard, None)`` item voids the shard's batches so far (the
+    tar's order broke the expectation below; the shard follows again, whole).
+
+    Batches are formed as the tar is read, so a worker holds about one batch of decoded images: the
+    samples are kept encoded until their row is *settled* (no later sample can change which rows
+    before it have an image), then decoded in row order into batches of ``batch_size``. The
+    batches are therefore the shard's rows with an image, in row order, cut every ``batch_size``
+    (what the model sees does not depend on the tar's order). A row is settled by the
+    expectation of the layout: a pool's own tar is in row order (:class:`_InOrder`); a download's
+    image shards are in img2dataset's completion order, and its records say which samples each
+    holds (:class:`_Recorded`). A sample that contradicts the expectation after its row was batched
+    (a duplicate uid further on, a row out of order) restarts the shard, holding every sample until
+    the end (:class:`_AtEnd`); several samples of one uid give the row the last one that decodes."""
 
     def __init__(self, pool: Pool, shard_list: list[str], preprocess, tokenizer, batch_size: int,
                  decode: str = "pil", encode: frozenset = frozenset(ENCODINGS)):
@@ -69,46 +135,119 @@ class ShardStream(torch.utils.data.IterableDataset):
         for image_shard in self.pool.image_shards(shard):
             yield from shards.iter_tar(self.pool.images_uri, image_shard)
 
+    def _expectation(self, shard: str, row_of: dict):
+        if not self.pool.is_download:
+            return _InOrder()
+        from winnow.pool import datacomp
+
+        counts: dict[int, int] = {}
+        try:
+            for image_shard in self.pool.image_shards(shard):
+                rec = datacomp.read_records(self.pool.images_uri, image_shard)
+                for u, status in zip(rec["uid"].to_pylist(), rec["status"].to_pylist()):
+                    i = row_of.get(u) if isinstance(u, str) else None
+                    if i is not None and status == datacomp.SUCCESS:
+                        counts[i] = counts.get(i, 0) + 1
+        except shards.ShardError:   # no records: the tar is read first, then batched
+            return _AtEnd()
+        return _Recorded(counts)
+
     def _shard(self, shard: str):
         meta = shards.read_meta(self.pool.uri, shard, columns=["uid", "text"])
         uids = meta["uid"].to_pylist()
         texts = [t if isinstance(t, str) else "" for t in meta["text"].to_pylist()]
         row_of = {u: i for i, u in enumerate(uids)}
-        images: dict[int, object] = {}
-        corrupt, unknown, tar_error = [], [], ""
-        pixels = bool(self.encode & {"img", "flip"})
+        tokens = self.tokenizer(texts) if texts and "txt" in self.encode else None
+        yield ("start", shard, {"uids": uids, "tokens": tokens})
+        if not self.encode & {"img", "flip"}:
+            yield ("end", shard, {"corrupt": [], "unknown": 0, "tar_error": ""})
+            return
         try:
-            for s in (self._samples(shard) if pixels else ()):
+            tail = yield from self._batches(shard, uids, row_of, self._expectation(shard, row_of))
+        except _OutOfOrder:
+            tail = None     # out of the handler: its traceback would keep the first pass's images
+        if tail is None:
+            yield ("restart", shard, None)
+            tail = yield from self._batches(shard, uids, row_of, _AtEnd())
+        yield ("end", shard, tail)
+
+    def _load(self, data: bytes | None):
+        """A sample's image as the batch carries it, or None where it is corrupt (empty bytes are,
+        for tensor decode; the rest of its checks run on the model's device)."""
+        if self.decode == "tensor":
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
+        try:
+            return shards.decode_image(data or b"")
+        except ValueError:
+            return None
+
+    def _batch(self, shard: str, chunk: list):
+        rows = torch.tensor([r for r, _ in chunk])
+        if self.decode == "tensor":
+            return ("jpegs", shard, rows, [img for _, img in chunk])
+        x = torch.stack([self.preprocess(img) for _, img in chunk])
+        xf = torch.stack([self.preprocess(ImageOps.mirror(img)) for _, img in chunk]) if "flip" in self.encode else None
+        return ("images", shard, rows, x, xf)
+
+    def _batches(self, shard: str, uids: list, row_of: dict, expect):
+        """Read the shard's samples, yielding its batches as their rows settle; returns the tail."""
+        held: dict[int, list] = {}      # row -> [(sample number, encoded image)], until the row settles
+        queue: list[int] = []           # the held rows, a heap
+        chunk: list = []                # (row, decoded image) of the batch being formed
+        corrupt: list = []              # (sample number, uid)
+        unknown, tar_error, batched = 0, "", -1   # batched: the last row that went into a batch
+
+        def settle(below):
+            nonlocal batched
+            while queue and queue[0] < below:
+                row = heapq.heappop(queue)
+                img = None
+                for k, data in held.pop(row):
+                    got = self._load(data)
+                    if got is None:
+                        corrupt.append((k, uids[row]))
+                    else:
+                        img = got       # a later sample of the uid wins, as it always did
+                batched = row
+                if img is not None:
+                    chunk.append((row, img))
+                    if len(chunk) == self.batch_size:
+                        yield self._batch(shard, chunk)
+                        chunk.clear()
+
+        samples = self._samples(shard)
+        try:
+            for k in itertools.count():
+                try:
+                    s = next(samples)
+                except StopIteration:
+                    break
+                except shards.ShardError as exc:   # a truncated tar: the images after the cut are missing, counted
+                    tar_error = str(exc)
+                    break
                 i = row_of.get(s["json"].get("uid"))
                 if i is None:
                     if not self.pool.is_download:   # a download's image shard may hold other files' samples
-                        unknown.append(s["__key__"])
+                        unknown += 1
                     continue
-                if self.decode == "tensor":     # decoded later on the model's device; empty bytes are corrupt here
-                    if s["jpg"]:
-                        images[i] = torch.frombuffer(bytearray(s["jpg"]), dtype=torch.uint8)
-                    else:
-                        corrupt.append(uids[i])
+                data = s["jpg"]
+                if i <= batched:        # the row's batch is formed: only a corrupt image changes nothing
+                    if self._load(data) is not None:
+                        raise _OutOfOrder(shard)
+                    corrupt.append((k, uids[i]))
                     continue
-                try:
-                    images[i] = shards.decode_image(s["jpg"] or b"")
-                except ValueError:
-                    corrupt.append(uids[i])
-        except shards.ShardError as exc:   # a truncated tar: the images after the cut are missing, counted
-            tar_error = str(exc)
-        tokens = self.tokenizer(texts) if texts and "txt" in self.encode else None
-        yield ("start", shard, {"uids": uids, "tokens": tokens,
-                                "corrupt": corrupt, "unknown": len(unknown), "tar_error": tar_error})
-        rows = sorted(images)
-        for k in range(0, len(rows), self.batch_size):
-            chunk = rows[k: k + self.batch_size]
-            if self.decode == "tensor":
-                yield ("jpegs", shard, torch.tensor(chunk), [images[r] for r in chunk])
-                continue
-            x = torch.stack([self.preprocess(images[r]) for r in chunk])
-            xf = torch.stack([self.preprocess(ImageOps.mirror(images[r])) for r in chunk]) if "flip" in self.encode else None
-            yield ("images", shard, torch.tensor(chunk), x, xf)
-        yield ("end", shard, None)
+                if i not in held:
+                    held[i] = []
+                    heapq.heappush(queue, i)
+                held[i].append((k, data))
+                expect.seen(i)
+                yield from settle(expect.settled())
+        finally:
+            samples.close()
+        yield from settle(math.inf)
+        if chunk:
+            yield self._batch(shard, chunk)
+        return {"corrupt": [u for _, u in sorted(corrupt)], "unknown": unknown, "tar_error": tar_error}
 
 
 class Encoder:
@@ -218,6 +357,8 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
     for kind, shard, *rest in (loader if todo else []):
         if kind == "start":
             states[shard] = {"info": rest[0], "parts": [], "corrupt": []}
+        elif kind == "restart":     # the shard's batches so far are void: it comes again, whole
+            states[shard].update(parts=[], corrupt=[])
         elif kind in ("images", "jpegs"):
             if kind == "jpegs":
                 rows, jpegs = rest
@@ -233,8 +374,10 @@ def embed_shards(pool: Pool, shard_list: list[str], model, preprocess, tokenizer
                 rows, x, xf = rest
             f = enc.images(torch.cat([x, xf]) if xf is not None else x)   # original and mirrored in one pass
             states[shard]["parts"].append((rows.numpy(), f[: len(rows)], f[len(rows):] if xf is not None else None))
-        else:
-            done[shard] = _finish_shard(states.pop(shard), enc, work, shard, name, batch_size, encode)
+        else:   # "end": the tail (corrupt uids, unknown members, tar error) is known once the tar is read
+            state = states.pop(shard)
+            state["info"].update(rest[0])
+            done[shard] = _finish_shard(state, enc, work, shard, name, batch_size, encode)
             bar.update(1)
     bar.close()
     return [done[s] for s in shard_list]
