@@ -297,6 +297,20 @@ def terminate_unwinds() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()
+# A job's per-unit files (outputs, markers, derived scratch) skip fsync where a reboot can be told
+# apart: winnow.jobs.WorkDir discards a work directory written before the last boot, so a power cut
+# never leaves a marker whose outputs were lost. Elsewhere they are fsynced like every other write.
+UNIT_DURABLE = not BOOT_ID
+
+
 @contextlib.contextmanager
 def atomic_file(uri: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``uri``; fsync it and rename it onto ``uri`` only if the block

@@ -30,19 +30,7 @@ from winnow.executor import SERIAL, Executor
 SMALL_FILE = 1 << 20   # inputs up to this size are identified by their bytes, larger ones by size + mtime
 WORK_ROOT = ".winnow/work"
 
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-BOOT_ID = _boot_id()
-# Per-unit files (outputs and markers) skip fsync where a reboot can be told apart: a work directory
-# written before the last boot is discarded (WorkDir), so a power cut never leaves a marker whose
-# outputs were lost. Elsewhere they are fsynced like every other write.
-UNIT_DURABLE = not BOOT_ID
+BOOT_ID, UNIT_DURABLE = wio.BOOT_ID, wio.UNIT_DURABLE
 
 
 def _identity(path: Path) -> list:

@@ -130,7 +130,9 @@ def _probe(recipe: Recipe, pool: Pool, shard: str) -> tuple[str | None, list[str
     keys = sorted({k for s in recipe.steps for k in s.requires()[1]})
     try:
         b = pool.batch(shard)
-        n = len(b.arrow("uid"))
+        if "uid" not in b.columns():
+            raise KeyError(f"shard {shard}: no column 'uid'")
+        n = len(b)      # the footer's row count: a page that cannot be read fails later, named
         have = [c for c in cols if c in b.columns()] + [k for k in keys if k in b.embedding_keys()]
         for k in (k for k in keys if k in b.embedding_keys()):
             if (rows := b.embedding_rows(k)) != n:
@@ -319,7 +321,8 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
         pq.write_table(pa.table(cols), tmp, compression="none", use_dictionary=["shard", "dropped_by"])
     with atomic_file(work / f"kept-{unit}.npy", jobs.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
         kept = U.hex_to_array(uid.filter(pa.array(alive)), sort=False)    # only kept uids are parsed, as before
-        np.save(fh, np.repeat(kept, mult[alive]), allow_pickle=False)
+        np.save(fh, U.sort_uids(np.repeat(kept, mult[alive])), allow_pickle=False)
+    counts["subset"] = int(mult[alive].sum())
     return counts
 
 
@@ -420,6 +423,17 @@ def _unit_shard(fn, unit: str):
     return fn(unit.split("-", 1)[1])
 
 
+DECISIONS_ROW_GROUP = 131_072    # rows per row group of decisions.parquet: a few shards' parts each
+
+
+def _decisions_layout(schema: pa.Schema) -> dict:
+    """decisions.parquet's writer options: dictionary pages only where values repeat (shard,
+    dropped_by), and the random-hex uids neither compressed nor given statistics — they gain
+    nothing from either and were most of the file's write time."""
+    return {"use_dictionary": ["shard", "dropped_by"], "write_statistics": [n for n in schema.names if n != "uid"],
+            "compression": {n: "none" if n == "uid" else "snappy" for n in schema.names}}
+
+
 def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Path, out_dir: str, decide: str) -> dict:
     """decisions.parquet and uids.npy from the shards' parts, streamed shard by shard; the funnel."""
     steps, labels = recipe.steps, recipe.labels()
@@ -429,7 +443,12 @@ def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Pa
     total = 0
     download = {"downloaded": 0, "kept_without_image": 0}
     with atomic_file(out / "decisions.parquet") as tmp:
-        writer, empty = None, None
+        writer, empty, pending = None, None, []
+
+        def flush():
+            writer.write_table(pa.concat_tables(pending), row_group_size=DECISIONS_ROW_GROUP)
+            pending.clear()
+
         for shard, part in zip(pool.shards, parts):
             total += part["n"]
             n_after += np.asarray(part["after"], np.int64)
@@ -443,16 +462,20 @@ def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Pa
                 continue
             if writer is None:
                 schema = table.schema
-                # dictionary pages only where values repeat; random-hex uids gain nothing from one
-                writer = pq.ParquetWriter(tmp, schema, use_dictionary=["shard", "dropped_by"])
-            writer.write_table(table.cast(schema))
+                writer = pq.ParquetWriter(tmp, schema, **_decisions_layout(schema))
+            pending.append(table.cast(schema))
+            if sum(t.num_rows for t in pending) >= DECISIONS_ROW_GROUP:
+                flush()
         if writer is None and empty is not None:   # every shard empty: the file still has its columns
             writer = pq.ParquetWriter(tmp, empty.schema)
             writer.write_table(empty)
+        elif pending:
+            flush()
         if writer:
             writer.close()
-    kept = [np.load(work / f"kept-{s}.npy", allow_pickle=False) for s in pool.shards]
-    U.save(out / "uids.npy", U.sort_uids(np.concatenate(kept)))
+    # each part is sorted (by its worker): the sort of their concatenation only merges runs
+    U.save(out / "uids.npy", U.sort_uids(np.concatenate([np.load(work / f"kept-{s}.npy", allow_pickle=False)
+                                                        for s in pool.shards]), runs=True))
     prev = total
     funnel_steps = []
     for k, (lab, step) in enumerate(zip(labels, steps)):
@@ -460,7 +483,7 @@ def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Pa
                              "state": step.report(fitted[k]), "decided": int(n_decided[k]), "kept_after": int(n_after[k]),
                              "dropped_here": int(prev - n_after[k]), "dropped_standalone": int(n_dropped[k])})
         prev = int(n_after[k])
-    subset = int(sum(len(k) for k in kept))
+    subset = int(sum(p["subset"] for p in parts))
     return {"recipe": recipe.name, "decide": decide, "pool_size": total, "kept_unique": int(prev),
             "subset_size": subset, "kept_fraction": (prev / total) if total else 0.0, "steps": funnel_steps,
             "bounds": recipe.bounds.model_dump(),

@@ -79,10 +79,19 @@ def hex_to_array(uids, sort: bool = True) -> np.ndarray:
     return sort_uids(out) if sort else out
 
 
-def sort_uids(arr: np.ndarray) -> np.ndarray:
+def sort_uids(arr: np.ndarray, runs: bool = False) -> np.ndarray:
     """np.sort order of a ``u8,u8`` array (upper, then lower 64 bits), by a two-key lexsort: several
-    times faster than sorting the structured dtype."""
-    return arr[np.lexsort((arr["f1"], arr["f0"]))] if len(arr) > 1 else arr
+    times faster than sorting the structured dtype. ``runs``: ``arr`` is a concatenation of sorted
+    runs (per-shard parts), which a stable sort of the upper halves merges in about n log(runs);
+    equal upper halves of different uids (64-bit collisions) are then put in order by the lexsort."""
+    if len(arr) < 2:
+        return arr
+    if runs:
+        out = arr[np.argsort(arr["f0"], kind="stable")]
+        tie = out["f0"][1:] == out["f0"][:-1]
+        if not (tie & (out["f1"][1:] < out["f1"][:-1])).any():
+            return out
+    return arr[np.lexsort((arr["f1"], arr["f0"]))]
 
 
 def array_to_hex(arr: np.ndarray) -> np.ndarray:

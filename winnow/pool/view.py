@@ -134,6 +134,7 @@ class ShardView:
     _schema: list | None = None
     _blobs: dict = field(default_factory=dict)
     _derived: dict = field(default_factory=dict)
+    _files: dict = field(default_factory=dict)
 
     def _src(self, p):
         """A readable source of a shard file; a remote one is downloaded once per batch."""
@@ -160,6 +161,7 @@ class ShardView:
                 except (pa.ArrowInvalid, OSError) as exc:
                     raise shards.ShardError(f"shard {self.shard}: cannot read {p}: {exc}") from None
                 self._schema.append((f.schema_arrow.names, p, f.metadata.num_rows))
+                self._files[p] = f     # its footer is parsed once: every column read reuses it
         return self._schema
 
     def __len__(self) -> int:
@@ -184,9 +186,7 @@ class ShardView:
         else:
             value = np.asarray(compute())
             if path is not None:
-                from winnow.jobs import UNIT_DURABLE   # scratch lives in a job's work dir
-
-                with atomic_file(path, UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
+                with atomic_file(path, wio.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:   # a job's scratch
                     np.save(fh, value)
         self._derived[name] = value
         return value
@@ -205,7 +205,7 @@ class ShardView:
             for names, p, _ in self._sources():
                 if name in names:
                     try:
-                        self._cols[name] = pq.read_table(self._src(p), columns=[name])[name]
+                        self._cols[name] = self._files[p].read(columns=[name])[name]
                     except (pa.ArrowInvalid, OSError) as exc:
                         raise shards.ShardError(f"shard {self.shard}: cannot read column {name} of {p}: {exc}") from None
                     break
