@@ -38,10 +38,25 @@ def _copy_tree(code: Path, project: Path) -> None:
             shutil.copy2(code / f, project / f)
 
 
+def _table_digest(path: Path) -> str:
+    """A parquet file's content, whatever its layout (row groups, compression, statistics): the
+    sha256 of its table as one Arrow IPC stream."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
 def _hashes(project: Path, rel: str) -> dict:
+    """sha256 of every file's bytes, and of every parquet file's table (``<path>#table``)."""
     d = project / rel
-    return {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "meta.json"} if d.exists() else {}
+    files = [p for p in sorted(d.rglob("*")) if p.is_file() and p.name != "meta.json"] if d.exists() else []
+    out = {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return out | {f"{p.relative_to(project)}#table": _table_digest(p) for p in files if p.suffix == ".parquet"}
 
 
 def run(code: Path, project: Path, out: Path, reuse: Path | None) -> None:
@@ -96,9 +111,14 @@ def compare(a: Path, b: Path) -> int:
             print(f"{key}: {'both fail' if 'error' in x and 'error' in y else 'ONE FAILS'}: {x.get('error') or y.get('error')}")
             bad += not ("error" in x and "error" in y)
             continue
-        only_a = sorted(set(x) - set(y))
-        differ = sorted(f for f in set(x) & set(y) if x[f] != y[f]) + sorted(set(y) - set(x))
-        print(f"{key}: {'identical' if not differ else 'DIFFERS ' + str(differ[:5])} ({len(set(x) & set(y))} files)"
+        only_a = sorted(f for f in set(x) - set(y) if not f.endswith("#table"))   # an older record has no #table
+        differ = sorted(f for f in set(x) & set(y) if x[f] != y[f]) + sorted(set(y) - set(x) - {f + "#table" for f in x})
+        # a parquet file whose bytes differ but whose table is the same only changed layout
+        layout = [f for f in differ if f"{f}#table" in x and f"{f}#table" in y and x[f"{f}#table"] == y[f"{f}#table"]]
+        differ = [f for f in differ if f not in layout and not (f.endswith("#table") and f[:-6] in layout)]
+        verdict = "DIFFERS " + str(differ[:5]) if differ else "identical" + (
+            f" (same tables, parquet layout differs: {', '.join(layout)})" if layout else "")
+        print(f"{key}: {verdict} ({len([f for f in set(x) & set(y) if not f.endswith('#table')])} files)"
               + (f"; only in {a.name}: {len(only_a)} ({only_a[0]} …)" if only_a else ""))
         bad += bool(differ)
     return 1 if bad else 0

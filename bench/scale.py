@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -118,7 +119,7 @@ def pool_dir(size: int) -> Path:
 # ---------------------------------------------------------------------------------------------- winnow
 
 
-def project(case: str, size: int, workers: int) -> Path:
+def project(case: str, size: int, workers: int, decisions: bool = True) -> Path:
     """A winnow project whose params.yaml points at the pool, for one case."""
     import yaml
 
@@ -127,7 +128,8 @@ def project(case: str, size: int, workers: int) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     params = {"pool": {"source": "datacomp", "uri": str(pool_dir(size)), "min_downloaded": 0.0},
               "filter": {"recipe": recipe, "overrides": overrides, "decide": "survivors", "executor": "processes",
-                         "workers": workers, "targets": {"imagenet1k": str(DATA / "in1k_l14.npy")}}}
+                         "workers": workers, "targets": {"imagenet1k": str(DATA / "in1k_l14.npy")},
+                         "decisions": decisions}}
     (d / "params.yaml").write_text(yaml.safe_dump(params))
     return d
 
@@ -199,14 +201,34 @@ def run_datacomp(case: str, size: int, workers: int, checkout: Path, out: Path) 
     elif fn == "clip_score":
         uids = af.load_uids_with_clip_score(meta, "l14", None, 0.3, workers)
     else:
-        uids = _datacomp_image_based(af, meta, workers)
+        uids = _datacomp_image_based(af, meta, workers, checkout)
     uids.sort()
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "uids.npy", uids)
     return size
 
 
-def _datacomp_image_based(af, meta: str, workers: int) -> np.ndarray:
+def _centroid_ids_cpu(features, centroids, batch_size, device):
+    """DataComp's get_centroid_ids_gpu with the device "cpu": the same batched einsum and argmax."""
+    import torch
+
+    with torch.no_grad():
+        labels = torch.zeros(features.shape[0], dtype=torch.long)
+        for i in range(0, features.shape[0], batch_size):
+            sim = torch.einsum("ik, jk -> ij", features[i: i + batch_size, :].float(), centroids)
+            labels[i: i + batch_size] = torch.argmax(sim, dim=1).long()
+    return labels
+
+
+def _image_worker(checkout: str, **kwargs) -> None:
+    """One of DataComp's image_filter_helper workers, in a spawned process as apply_filter() starts
+    them (a forked one would inherit torch's thread pool and hang), with the CPU assignment."""
+    af = _import_apply_filter(Path(checkout))
+    af.get_centroid_ids_gpu = _centroid_ids_cpu
+    af.image_filter_helper(**kwargs)
+
+
+def _datacomp_image_based(af, meta: str, workers: int, checkout: Path) -> np.ndarray:
     """load_uids_with_image_filter without its downloads: the targets' centroid ids from DataComp's
     assignment, then its image_filter_helper on ``workers`` processes fed through its queues."""
     import multiprocessing as mp
@@ -215,25 +237,16 @@ def _datacomp_image_based(af, meta: str, workers: int) -> np.ndarray:
     import fsspec
     import torch
 
-    @torch.no_grad()
-    def centroid_ids_cpu(features, centroids, batch_size, device):   # get_centroid_ids_gpu on "cpu"
-        labels = torch.zeros(features.shape[0], dtype=torch.long)
-        for i in range(0, features.shape[0], batch_size):
-            sim = torch.einsum("ik, jk -> ij", features[i: i + batch_size, :].float(), centroids)
-            labels[i: i + batch_size] = torch.argmax(sim, dim=1).long()
-        return labels
-
-    af.get_centroid_ids_gpu = centroid_ids_cpu      # forked workers inherit it
     targets = torch.from_numpy(np.load(DATA / "in1k_l14.npy").astype(np.float32))
     pool_centroids = torch.from_numpy(np.load(DATA / "centroids_l14.npy"))
-    target_ids = torch.unique(centroid_ids_cpu(targets, pool_centroids, 1024, 0))
+    target_ids = torch.unique(_centroid_ids_cpu(targets, pool_centroids, 1024, 0))
     fs, url = fsspec.core.url_to_fs(meta)
     roots = [(fs, str(x.split(".parquet")[0])) for x in fs.ls(url) if ".parquet" in x]
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     send, receive = ctx.Queue(), ctx.Queue()
     for job in roots:
         send.put(job)
-    procs = [ctx.Process(target=af.image_filter_helper,
+    procs = [ctx.Process(target=_image_worker, args=(str(checkout),),
                          kwargs=dict(pool_centroids=pool_centroids, target_centroid_ids=target_ids, batch_size=1024,
                                      device_index=0, in_queue=send, out_queue=receive)) for _ in range(workers)]
     for p in procs:
@@ -305,6 +318,25 @@ def bounds(size: int, workers: int) -> dict:
     return out
 
 
+def table(results: dict) -> str:
+    """The README's table: per size and case, winnow's filter stage (decisions on / off) against
+    DataComp's code, the ratio, and each stage's peak RSS."""
+    lines = ["| rows | case | DataComp s | winnow filter s (decisions off) | ratio (off) | bound s | "
+             "peak RSS MB: pool / filter / reshard-plan / DataComp |", "|---|---|---|---|---|---|---|"]
+    for size, res in results["sizes"].items():
+        for case, r in res["cases"].items():
+            w = r["winnow"]
+            pool = w.get("pool", {}).get("peak_rss_mb")
+            bound = r.get("language_id_bound_s")
+            lines.append(
+                f"| {int(size):,} | {case} | {r['datacomp']['seconds']:.1f} | {w['filter']['seconds']:.1f} "
+                f"({w['filter/decisions=false']['seconds']:.1f}) | {r['throughput_ratio']:.2f} "
+                f"({r['throughput_ratio_decisions_false']:.2f}) | {'' if bound is None else f'{bound:.1f}'} | "
+                f"{'' if pool is None else f'{pool:.0f}'} / {w['filter']['peak_rss_mb']:.0f} / "
+                f"{w['reshard-plan']['peak_rss_mb']:.0f} / {r['datacomp']['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--datacomp", type=Path, help="a checkout of mlfoundations/datacomp")
@@ -312,6 +344,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=f"{NPZ_ROWS},{ROWS}")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--report", type=Path, default=ROOT / "reports" / "bench" / "scale.json")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --report and exit")
     ap.add_argument("--child", choices=["winnow", "datacomp"])
     ap.add_argument("--stage")
     ap.add_argument("--project")
@@ -322,6 +355,8 @@ def main() -> None:
     if args.child:
         args.way = args.child
         return _child(args)
+    if args.table:
+        return print(table(json.loads(args.report.read_text())))
     if not args.datacomp or not (args.datacomp / "baselines" / "apply_filter.py").exists():
         sys.exit("--datacomp must name a checkout of mlfoundations/datacomp (baselines/apply_filter.py)")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -331,34 +366,46 @@ def main() -> None:
                "centroids": CENTROIDS, "targets": TARGETS, "sizes": {}}
     for size in sizes:
         res = results["sizes"][str(size)] = {"bounds": bounds(size, args.workers), "cases": {}}
+        pool_stage = None
         for case in args.cases.split(","):
             if case == "image_based" and size > NPZ_ROWS:
                 continue        # the npz slice only
-            proj = project(case, size, args.workers)
             row = {"winnow": {}}
-            for stage in ("pool", "filter", "reshard-plan"):
-                row["winnow"][stage] = measure(sys.executable, ["--child", "winnow", "--stage", stage,
+            for stage, decisions in (("pool", True), ("filter", False), ("filter", True), ("reshard-plan", True)):
+                proj = project(case, size, args.workers, decisions)
+                label = stage if decisions or stage != "filter" else "filter/decisions=false"
+                if stage == "pool" and pool_stage:   # the same manifest for every case: measured once per size
+                    shutil.copytree(pool_stage / "data" / "pool", proj / "data" / "pool", dirs_exist_ok=True)
+                    continue
+                row["winnow"][label] = measure(sys.executable, ["--child", "winnow", "--stage", stage,
                                                                 "--project", str(proj)])
-                print(size, case, stage, json.dumps(row["winnow"][stage]), flush=True)
+                print(size, case, label, json.dumps(row["winnow"][label]), flush=True)
+                if stage == "pool":
+                    pool_stage = proj
             dc_out = DATA / "datacomp" / f"{case}-{size}"
             row["datacomp"] = measure(dc_python, ["--child", "datacomp", "--case", case, "--size", str(size),
                                                   "--workers", str(args.workers), "--datacomp", str(args.datacomp),
                                                   "--out", str(dc_out)])
             print(size, case, "datacomp", json.dumps(row["datacomp"]), flush=True)
-            f = row["winnow"]["filter"]
-            row["throughput_ratio"] = f["samples_per_s"] / row["datacomp"]["samples_per_s"]
+            dc = row["datacomp"]["samples_per_s"]
+            row["throughput_ratio"] = row["winnow"]["filter"]["samples_per_s"] / dc
+            row["throughput_ratio_decisions_false"] = row["winnow"]["filter/decisions=false"]["samples_per_s"] / dc
             row["same_uids"] = (proj / "data" / "filter" / "uids.npy").read_bytes() == (dc_out / "uids.npy").read_bytes()
             row["funnel"] = json.loads((proj / "reports" / "filter" / "funnel.json").read_text())
             row["funnel"] = {"kept": row["funnel"]["kept_unique"],
                              "steps": {s["step"]: {"decided": s["decided"], "kept_after": s["kept_after"],
                                                    "seconds": s["seconds"]} for s in row["funnel"]["steps"]}}
+            if "language" in row["funnel"]["steps"]:   # fastText's own time on what reaches it, over the workers
+                row["language_id_bound_s"] = (res["bounds"]["fasttext_us_per_caption"] * 1e-6
+                                              * row["funnel"]["steps"]["language"]["decided"] / args.workers)
             res["cases"][case] = row
-            print(size, case, f"ratio {row['throughput_ratio']:.2f} same_uids {row['same_uids']}", flush=True)
+            print(size, case, f"ratio {row['throughput_ratio']:.2f} (decisions=false "
+                  f"{row['throughput_ratio_decisions_false']:.2f}) same_uids {row['same_uids']}", flush=True)
     if len(sizes) == 2:
         small, big = (results["sizes"][str(s)]["cases"] for s in sizes)
         results["rss_growth"] = {f"{case}/{stage}": big[case]["winnow"][stage]["peak_rss_mb"]
                                  / small[case]["winnow"][stage]["peak_rss_mb"]
-                                 for case in big for stage in big[case]["winnow"]}
+                                 for case in big for stage in big[case]["winnow"] if stage in small[case]["winnow"]}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.report}")

@@ -22,8 +22,8 @@ def body(p: Params) -> dict:
     recipe = params_recipe(p.filter)   # validated before any data is read
     pool = Pool.open("data/pool", embed_uri="data/embed")
     funnel = run(recipe, pool, OUT, executor=Executor.of(p.filter), work_root=WORK_ROOT,
-                 decide=p.filter.decide)   # per-shard verdicts in a keyed work directory: a killed filter resumes
-    if pool.truth_path:
+                 decide=p.filter.decide, decisions=p.filter.decisions)   # per-shard verdicts in a keyed work directory: a killed filter resumes
+    if pool.truth_path and p.filter.decisions:
         funnel["truth"] = truth_metrics(f"{OUT}/decisions.parquet", pd.read_parquet(wio.source(pool.truth_path)),
                                         recipe.labels())
     if wio.exists("data/embed/meta.json"):   # what the embed stage quarantined never reaches a step as an image

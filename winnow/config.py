@@ -95,6 +95,7 @@ class Filter(Section):
     targets: dict[str, str | list[str]] = {}   # {task: embeddings file} for alignment steps, over the recipe's own `targets`
     min_kept: int = Field(1, ge=0)
     decide: Literal["survivors", "all"] = "survivors"   # survivors: a step decides what earlier steps kept
+    decisions: bool = True            # decisions.parquet (per-sample verdicts and scores); false: uids.npy only
     executor: Literal["serial", "threads", "processes", "dask"] = "serial"   # dask: through Prefect's DaskTaskRunner
     workers: int = Field(1, ge=1)
     address: str | None = None        # dask scheduler, e.g. tcp://10.0.0.5:8786 (None: local cluster)

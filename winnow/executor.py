@@ -127,6 +127,18 @@ def _unit_task(fn: Callable):
                 retries=1, cache_policy=NONE, persist_result=False)
 
 
+_INSTALLED: Callable | None = None
+
+
+def _install(fn: Callable) -> None:
+    global _INSTALLED
+    _INSTALLED = fn
+
+
+def _call_installed(*args):
+    return _INSTALLED(*args)
+
+
 def _windowed(submit: Callable, arglist: list[tuple], window: int) -> Iterator:
     futures = [submit(a) for a in arglist[:window]]
     nxt = len(futures)
@@ -168,9 +180,14 @@ class Executor:
             for args in arglist:
                 yield fn(*args)
             return
-        pool_cls = ThreadPoolExecutor if self.kind == "threads" else ProcessPoolExecutor
-        with pool_cls(max_workers=self.workers) as ex:
-            yield from _windowed(lambda a: ex.submit(fn, *a), arglist, 2 * self.workers)
+        if self.kind == "threads":
+            with ThreadPoolExecutor(max_workers=self.workers) as ex:
+                yield from _windowed(lambda a: ex.submit(fn, *a), arglist, 2 * self.workers)
+            return
+        # the map's function (a partial carrying the pool, the recipe, fitted values) reaches each
+        # worker once, at its start; a unit then travels as its arguments alone
+        with ProcessPoolExecutor(max_workers=self.workers, initializer=_install, initargs=(fn,)) as ex:
+            yield from _windowed(lambda a: ex.submit(_call_installed, *a), arglist, 2 * self.workers)
 
     def _dask_map(self, fn: Callable, arglist: list[tuple], name: str) -> list:
         from prefect import flow

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -144,8 +145,17 @@ class WorkDir:
         return {p.stem: json.loads(p.read_text())["stats"] for p in d.glob("*.json")} if d.is_dir() else {}
 
     def release(self) -> None:
-        """The job's results are out: remove the directory."""
+        """The job's results are out: remove the directory — renamed aside at once, its thousands of
+        files deleted on a thread while the stage goes on (a leftover after a kill is swept by the
+        next run of the job, as any other key's)."""
+        aside = self.root / f"{self.key}.released-{os.getpid()}"
+        try:
+            os.replace(self.path, aside)
+        except OSError:
+            aside = self.path
         wio.release_work_dir(self.root, self.key)
+        threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True},
+                         name=f"release {self.job}").start()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from winnow import io as wio
@@ -37,6 +38,20 @@ def _read(path) -> dict:
     return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
 
+DECISIONS_ROWS = 1_000_000     # the report's histograms and grids read at most about this many rows
+
+
+def read_decisions(path, max_rows: int = DECISIONS_ROWS) -> pd.DataFrame:
+    """decisions.parquet, whole when it is small; past ``max_rows``, every k-th row group (row groups
+    are in shard order, so the first shards, which the grids show, are always among them) — the
+    report never holds a pool-sized table."""
+    f = pq.ParquetFile(path)
+    if f.metadata.num_rows <= max_rows:
+        return f.read().to_pandas()
+    step = -(-f.metadata.num_rows // max_rows)
+    return f.read_row_groups(list(range(0, f.num_row_groups, step))).to_pandas()
+
+
 def collect(reports: str = "reports", scorer_dir: str = "models/scorer", filter_dir: str = "data/filter",
             pool_dir: str | None = "data/pool", earlier: list[dict] | None = None) -> RunData:
     from winnow.pool.view import Pool
@@ -47,7 +62,7 @@ def collect(reports: str = "reports", scorer_dir: str = "models/scorer", filter_
         funnel=_read(f"{reports}/filter/funnel.json"), summary=_read(f"{reports}/eval/summary.json"),
         quality=_read(f"{scorer_dir}/quality.json"),
         timings={t.stem: json.loads(t.read_text())["wall_s"] for t in sorted(Path(reports, "timings").glob("*.json"))},
-        decisions=pd.read_parquet(d) if d.exists() else None,
+        decisions=read_decisions(d) if d.exists() else None,
         truth=pd.read_parquet(wio.source(truth)) if truth else None, earlier=earlier or [])
 
 

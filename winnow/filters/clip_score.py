@@ -105,8 +105,8 @@ class ClipScore(Step):
         return ([self.score], []) if self.score else ([], list(self.embeddings))
 
     def scores(self, batch) -> np.ndarray:
-        if self.score:
-            return batch.column(self.score).astype(np.float32)
+        if self.score:    # read once per run: the fit's two passes and the verdict read it back
+            return batch.cached(f"col.{self.score}", lambda: batch.column(self.score).astype(np.float32))
         img, txt = self.embeddings
         # cosine of the pair, computed once per shard and run (every pass reads it back)
         return batch.cached(f"cos.{img}.{txt}", lambda: _cosine(batch, img, txt))

@@ -282,7 +282,7 @@ def _fit_part(step: Step, state, pool: Pool, work: Path, starts: list[int], pass
 
 
 def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[int], last: int, decide: str,
-            unit: str) -> dict:
+            decisions: bool, unit: str) -> dict:
     """The last group's verdicts on one shard, then the shard's rows of decisions.parquet and its
     kept uids (repeated per multiplicity), written to the work directory, and its funnel counts —
     all on the worker, in one read of the shard; the driver merges."""
@@ -294,31 +294,36 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
     uid = batch.arrow("uid")
     n = len(uid)
     cols: dict = {"uid": uid}
-    for lab, step, fit in zip(labels, steps, fitted):
+    for lab, step, fit in zip(labels, steps, fitted) if decisions else ():
         for k, v in step.explain(batch, fit).items():
             cols[f"{k}:{lab}"] = np.asarray(v)
     alive, mult = np.ones(n, bool), np.ones(n, np.int64)
-    dropped_by = np.full(n, None, dtype=object)
+    dropped_by = np.full(n, -1, np.int32)       # index of the step that dropped the sample; -1: kept
     counts = {"n": n, "after": [], "decided": [], "dropped": [], "seconds": seconds}
-    for lab, v in zip(labels, vs):
+    for k, (lab, v) in enumerate(zip(labels, vs)):
         keep, decided = v > 0, v != UNDECIDED
         if v.dtype == np.int32:          # a multiplicity step
             mult = np.where(keep, mult * v, mult)
-        dropped_by[alive & ~keep] = lab
+        dropped_by[alive & ~keep] = k
         alive &= keep
         counts["after"].append(int(alive.sum()))
         counts["decided"].append(int(decided.sum()))
         counts["dropped"].append(int((decided & ~keep).sum()))
-        cols[f"keep:{lab}"] = pa.array(keep, mask=~decided)     # null: the step never saw the sample
+        if decisions:
+            cols[f"keep:{lab}"] = pa.array(keep, mask=~decided)     # null: the step never saw the sample
     mult = np.where(alive, mult, 0)
     if pool.is_download:   # selected by the metadata but never downloaded: reshard cannot write them
         image = batch.column("downloaded").astype(bool)
         counts["download"] = {"downloaded": int(image.sum()), "kept_without_image": int((alive & ~image).sum())}
-    cols.update(shard=pa.array(np.full(n, unit), pa.string()), dropped_by=pa.array(dropped_by, pa.string()),
-                multiplicity=mult)
-    with atomic_file(work / f"decisions-{unit}.parquet", jobs.UNIT_DURABLE) as tmp:
-        # a part is read back once, by _merge: no compression, dictionaries only where values repeat
-        pq.write_table(pa.table(cols), tmp, compression="none", use_dictionary=["shard", "dropped_by"])
+    if decisions:
+        names = pa.array(labels or [""], pa.string())
+        cols.update(shard=pa.array(np.full(n, unit), pa.string()),
+                    dropped_by=pa.DictionaryArray.from_arrays(pa.array(dropped_by, mask=dropped_by < 0), names).cast(pa.string()),
+                    multiplicity=mult)
+        with atomic_file(work / f"decisions-{unit}.parquet", jobs.UNIT_DURABLE) as tmp:
+            # a part is read back once, by _merge: no compression, dictionaries only where values repeat
+            pq.write_table(pa.table(cols), tmp, compression="none", use_dictionary=["shard", "dropped_by"],
+                           write_statistics=False)
     with atomic_file(work / f"kept-{unit}.npy", jobs.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
         kept = U.hex_to_array(uid.filter(pa.array(alive)), sort=False)    # only kept uids are parsed, as before
         np.save(fh, U.sort_uids(np.repeat(kept, mult[alive])), allow_pickle=False)
@@ -327,8 +332,10 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
 
 
 def run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor = SERIAL, work_root: str | None = None,
-        decide: str = "survivors") -> dict:
-    """Decide every sample, step by step, and write uids.npy + decisions.parquet. Returns the funnel.
+        decide: str = "survivors", decisions: bool = True) -> dict:
+    """Decide every sample, step by step, and write uids.npy + decisions.parquet (with
+    ``decisions=False`` only uids.npy: the per-sample table is most of a metadata-only run's
+    time at pool scale). Returns the funnel.
 
     Consecutive per-sample steps share one pass over the shards; a global step first fits on the
     survivors of the steps before it. Each pass is a job whose units are shards: per-shard verdicts
@@ -339,17 +346,18 @@ def run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor = SERIAL, w
         raise ParamsError(f"unknown filter.decide '{decide}' (valid: {', '.join(DECIDE)})")
     tmp = None if work_root else tempfile.mkdtemp(prefix="winnow-filter-")
     try:
-        return _run(recipe, pool, out_dir, executor, work_root or tmp, decide)
+        return _run(recipe, pool, out_dir, executor, work_root or tmp, decide, decisions)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def work_key(recipe: Recipe, pool: Pool, decide: str) -> jobs.Key:
+def work_key(recipe: Recipe, pool: Pool, decide: str, decisions: bool = True) -> jobs.Key:
     """Every input of a filter run: the recipe (each step's kind and parameters), the mode, the
     content of the pool's files, the embed stage's outputs and the target files, and the code."""
     key = jobs.Key("filter").params(recipe=recipe.model_dump(mode="json", exclude={"steps"}),
                                     steps=[[s.kind, s.model_dump(mode="json")] for s in recipe.steps], decide=decide,
+                                    decisions=decisions,
                                     manifest=pool.manifest)
     return key.files(pool=pool.uri, images=pool.images_uri if pool.is_download else None, embed=pool.embed_uri,
                      targets=sorted(str(f) for fs in recipe.targets.values() for f in ([fs] if isinstance(fs, str) else fs)),
@@ -363,11 +371,12 @@ def _groups(steps: list[Step]) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(steps)])) if steps else []
 
 
-def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor, work_root: str, decide: str) -> dict:
+def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor, work_root: str, decide: str,
+         decisions: bool) -> dict:
     pool, quarantined = probe_shards(recipe, pool, executor)
     check_requirements(recipe, pool)
     recipe = with_download_gate(recipe, pool)
-    work = jobs.WorkDir("filter", work_key(recipe, pool, decide), work_root)
+    work = jobs.WorkDir("filter", work_key(recipe, pool, decide, decisions), work_root)
     path = work.path
     pool = replace(pool, scratch=str(path / "derived"), target_files=dict(recipe.targets))
     labels, steps = recipe.labels(), recipe.steps
@@ -393,9 +402,10 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor, work_root
     last = groups[-1][0] if groups else 0
     desc = ", ".join(labels[last:]) + " + decisions" if groups else "decisions"
     finish = jobs.Job(f"filter {recipe.name}: {desc}", [f"decisions-{s}" for s in pool.shards],
-                      partial(_unit_shard, partial(_finish, recipe, fitted, pool, path, list(starts), last, decide)))
+                      partial(_unit_shard, partial(_finish, recipe, fitted, pool, path, list(starts), last, decide,
+                                                   decisions)))
     parts = jobs.run(finish, executor, work)
-    funnel = _merge(recipe, fitted, pool, parts, path, out_dir, decide)
+    funnel = _merge(recipe, fitted, pool, parts, path, out_dir, decide, decisions)
     for k, t in enumerate(sum((np.asarray(p.pop("seconds"), float) for p in parts), np.zeros(len(steps) - last))):
         seconds[last + k] += t
     work.release()     # complete: the per-shard verdicts are not needed any more
@@ -434,29 +444,17 @@ def _decisions_layout(schema: pa.Schema) -> dict:
             "compression": {n: "none" if n == "uid" else "snappy" for n in schema.names}}
 
 
-def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Path, out_dir: str, decide: str) -> dict:
-    """decisions.parquet and uids.npy from the shards' parts, streamed shard by shard; the funnel."""
-    steps, labels = recipe.steps, recipe.labels()
-    out = local(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_after, n_decided, n_dropped = (np.zeros(len(steps), np.int64) for _ in range(3))
-    total = 0
-    download = {"downloaded": 0, "kept_without_image": 0}
-    with atomic_file(out / "decisions.parquet") as tmp:
+def _merge_decisions(part_files: list[Path], dest: Path) -> None:
+    """decisions.parquet from the shards' parts, in shard order, a row group per few parts."""
+    with atomic_file(dest) as tmp:
         writer, empty, pending = None, None, []
 
         def flush():
             writer.write_table(pa.concat_tables(pending), row_group_size=DECISIONS_ROW_GROUP)
             pending.clear()
 
-        for shard, part in zip(pool.shards, parts):
-            total += part["n"]
-            n_after += np.asarray(part["after"], np.int64)
-            n_decided += np.asarray(part["decided"], np.int64)
-            n_dropped += np.asarray(part["dropped"], np.int64)
-            for k, v in part.get("download", {}).items():
-                download[k] += v
-            table = pq.read_table(work / f"decisions-{shard}.parquet")
+        for f in part_files:
+            table = pq.read_table(f)
             if table.num_rows == 0:      # an empty shard's null-typed columns must not fix the schema
                 empty = table if empty is None else empty
                 continue
@@ -473,6 +471,28 @@ def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Pa
             flush()
         if writer:
             writer.close()
+
+
+def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Path, out_dir: str, decide: str,
+           decisions: bool) -> dict:
+    """decisions.parquet and uids.npy from the shards' parts, streamed shard by shard; the funnel."""
+    steps, labels = recipe.steps, recipe.labels()
+    out = local(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_after, n_decided, n_dropped = (np.zeros(len(steps), np.int64) for _ in range(3))
+    total = 0
+    download = {"downloaded": 0, "kept_without_image": 0}
+    for part in parts:
+        total += part["n"]
+        n_after += np.asarray(part["after"], np.int64)
+        n_decided += np.asarray(part["decided"], np.int64)
+        n_dropped += np.asarray(part["dropped"], np.int64)
+        for k, v in part.get("download", {}).items():
+            download[k] += v
+    if decisions:
+        _merge_decisions([work / f"decisions-{s}.parquet" for s in pool.shards], out / "decisions.parquet")
+    else:       # not asked for: an earlier run's table must not pass for this run's
+        (out / "decisions.parquet").unlink(missing_ok=True)
     # each part is sorted (by its worker): the sort of their concatenation only merges runs
     U.save(out / "uids.npy", U.sort_uids(np.concatenate([np.load(work / f"kept-{s}.npy", allow_pickle=False)
                                                         for s in pool.shards]), runs=True))

