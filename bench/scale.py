@@ -309,12 +309,15 @@ def bounds(size: int, workers: int) -> dict:
         for f in files:
             pq.read_table(f, columns=cols)
         out[name + "_s"] = time.perf_counter() - t0
-    text = pq.read_table(files[0], columns=["text"])["text"].to_pylist()
+    text = [t for f in files[:5] for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
     clean = [t.replace("\n", " ") + "\n" for t in text]
     model = _lid_model()
-    t0 = time.perf_counter()
-    model.f.multilinePredict(clean, 1, 0.0, "replace")
-    out["fasttext_us_per_caption"] = (time.perf_counter() - t0) / len(clean) * 1e6
+    best = float("inf")
+    for _ in range(3):      # the best of three: the C time alone, without another process's noise
+        t0 = time.perf_counter()
+        model.f.multilinePredict(clean, 1, 0.0, "replace")
+        best = min(best, time.perf_counter() - t0)
+    out["fasttext_us_per_caption"] = best / len(clean) * 1e6
     return out
 
 

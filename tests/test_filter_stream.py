@@ -123,12 +123,32 @@ def test_plan_locates_the_subset_and_names_what_the_pool_lacks(demo_pool, tmp_pa
     assert meta["output_count"] == 15 and meta["uids_not_found"] == 0
 
 
-def test_work_dir_written_before_a_reboot_is_discarded(tmp_path, monkeypatch):
-    w = jobs.WorkDir("job", "k1", tmp_path)
+def test_unsynced_work_dir_from_before_a_reboot_is_discarded(tmp_path, monkeypatch):
+    if jobs.UNIT_DURABLE:
+        pytest.skip("no boot id here: unit files are fsynced")
+    w = jobs.WorkDir("job", "k1", tmp_path, unsynced=True)
     w.mark("u0", {"n": 1})
     (w.path / "u0.npy").write_bytes(b"unsynced")
-    assert jobs.WorkDir("job", "k1", tmp_path).done("u0") == {"n": 1}      # same boot: resumes
+    assert jobs.WorkDir("job", "k1", tmp_path, unsynced=True).done("u0") == {"n": 1}      # same boot: resumes
+    durable = jobs.WorkDir("other", "k1", tmp_path)          # a job whose files are fsynced
+    durable.mark("u0", {"n": 2})
     monkeypatch.setattr(jobs, "BOOT_ID", "another-boot")
-    w2 = jobs.WorkDir("job", "k1", tmp_path)
+    w2 = jobs.WorkDir("job", "k1", tmp_path, unsynced=True)
     assert w2.done("u0") is None and not (w2.path / "u0.npy").exists()
     assert (w2.path / "_boot").read_text() == "another-boot"
+    assert jobs.WorkDir("other", "k1", tmp_path).done("u0") == {"n": 2}     # untouched by the reboot check
+
+
+def test_threshold_step_after_a_dropping_step(demo_pool, tmp_path):
+    """A score read once per shard (ShardView.cached) is the whole shard's, also when only the
+    survivors of an earlier step ask for it."""
+    pool = Pool.open(str(demo_pool))
+    recipe = {"name": "t", "steps": [{"step": "image_size", "min_side": 200},
+                                     {"step": "clip_score", "score": "clip_b32_similarity_score", "threshold": 0.2}]}
+    f = run(load_recipe(recipe), pool, str(tmp_path))
+    meta = pd.concat([pq.read_table(demo_pool / f"{s}.parquet").to_pandas() for s in pool.shards])
+    side = np.minimum(meta.original_width, meta.original_height)
+    aspect = np.maximum(meta.original_width, meta.original_height) / side
+    want = (side >= 200) & (aspect <= 3.0) & (meta.clip_b32_similarity_score >= np.float32(0.2))
+    assert f["steps"][0]["kept_after"] < 600 and f["kept_unique"] == int(want.sum())
+    assert U.load(tmp_path / "uids.npy").tobytes() == U.hex_to_array(meta.uid[want].to_numpy(dtype=object)).tobytes()

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -107,15 +106,18 @@ class Key:
 class WorkDir:
     """A job's work directory for one key: unit outputs plus one marker (= stats record) per unit."""
 
-    def __init__(self, job: str, key: Key | str, root: str | os.PathLike = WORK_ROOT):
+    def __init__(self, job: str, key: Key | str, root: str | os.PathLike = WORK_ROOT, unsynced: bool = False):
+        """``unsynced``: the job writes its unit files and markers without fsync (``UNIT_DURABLE``);
+        such a directory is discarded when it was written before the last boot."""
         self.job = job
+        self.durable = not unsynced or UNIT_DURABLE
         self.key = key.digest() if isinstance(key, Key) else key
         self.root = Path(root) / job
         self.path = wio.keyed_work_dir(self.root, self.key)     # other keys' leftovers go
         boot = self.path / "_boot"
-        if BOOT_ID and (not boot.exists() or boot.read_text() != BOOT_ID):   # unsynced files from before a reboot
+        if not self.durable and (not boot.exists() or boot.read_text() != BOOT_ID):   # from before a reboot
             for old in list(self.path.iterdir()):
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
             with wio.atomic_file(boot) as tmp:
                 tmp.write_text(BOOT_ID)
         if isinstance(key, Key):   # which inputs made this key: a re-run that does not resume can be explained
@@ -138,24 +140,15 @@ class WorkDir:
 
     def mark(self, unit: str, stats: dict, unit_key: str | None = None) -> None:
         """Record the unit complete: called after its outputs are written, so a marker means they are."""
-        wio.write_json(self._marker(unit), {"key": unit_key, "stats": stats}, durable=UNIT_DURABLE)
+        wio.write_json(self._marker(unit), {"key": unit_key, "stats": stats}, durable=self.durable)
 
     def finished(self) -> dict[str, dict]:
         d = self.path / "_done"
         return {p.stem: json.loads(p.read_text())["stats"] for p in d.glob("*.json")} if d.is_dir() else {}
 
     def release(self) -> None:
-        """The job's results are out: remove the directory — renamed aside at once, its thousands of
-        files deleted on a thread while the stage goes on (a leftover after a kill is swept by the
-        next run of the job, as any other key's)."""
-        aside = self.root / f"{self.key}.released-{os.getpid()}"
-        try:
-            os.replace(self.path, aside)
-        except OSError:
-            aside = self.path
+        """The job's results are out: remove the directory."""
         wio.release_work_dir(self.root, self.key)
-        threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True},
-                         name=f"release {self.job}").start()
 
 
 @dataclass

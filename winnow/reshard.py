@@ -49,21 +49,21 @@ def plan(pool: Pool, subset: np.ndarray, examples: int = 5) -> dict:
     """Where the subset lies in the pool, one shard's uid column at a time: per shard how many
     selected samples it holds (copies counted), the image shards that hold any (the only tars the
     resharder opens), and the selected uids the pool lacks (count and a few examples). Memory: the
-    subset, one bit per selected entry and one shard."""
+    subset and its search keys (32 bytes per selected entry, as the resharder's own lookup needs
+    the subset whole), one flag per entry and one shard."""
     U.check_subset(subset)
-    found = np.zeros(len(subset), bool)
+    cover = np.zeros(len(subset) + 1, np.int32)    # +1 at each found run's start, -1 past its end
     keys = U.byte_keys(subset)
     per_shard, rows = {}, 0
     for shard in tqdm(pool.shards, desc="reshard plan", unit="shard", disable=len(pool.shards) < 2):
-        q = U.hex_to_array(shards.read_meta(pool.uri, shard, columns=["uid"])["uid"].to_numpy(zero_copy_only=False),
-                           sort=False)
+        q = U.hex_to_array(shards.read_meta(pool.uri, shard, columns=["uid"])["uid"], sort=False)   # from Arrow's buffer
         rows += len(q)
         lo, hi = U.search(keys, q)
         if (n := int((hi - lo).sum())):
             per_shard[shard] = n
-            for a, b in zip(lo[hi > lo], hi[hi > lo]):
-                found[a:b] = True
-    missing = np.flatnonzero(~found)
+            np.add.at(cover, lo[hi > lo], 1)
+            np.add.at(cover, hi[hi > lo], -1)
+    missing = np.flatnonzero(np.cumsum(cover[:-1]) == 0)
     image_shards = set().union(*(pool.image_shards(s) for s in per_shard)) if per_shard else set()
     return {"pool_rows": rows, "selected": int(len(subset)), "per_shard": per_shard,
             "image_shards": [s for s in pool.all_image_shards() if s in image_shards],

@@ -106,10 +106,10 @@ class ClipScore(Step):
 
     def scores(self, batch) -> np.ndarray:
         if self.score:    # read once per run: the fit's two passes and the verdict read it back
-            return batch.cached(f"col.{self.score}", lambda: batch.column(self.score).astype(np.float32))
+            return batch.cached(f"col.{self.score}", lambda shard: shard.column(self.score).astype(np.float32))
         img, txt = self.embeddings
         # cosine of the pair, computed once per shard and run (every pass reads it back)
-        return batch.cached(f"cos.{img}.{txt}", lambda: _cosine(batch, img, txt))
+        return batch.cached(f"cos.{img}.{txt}", lambda shard: _cosine(shard, img, txt))
 
     def needs_fit(self) -> bool:
         return self.fraction is not None

@@ -130,9 +130,7 @@ def _probe(recipe: Recipe, pool: Pool, shard: str) -> tuple[str | None, list[str
     keys = sorted({k for s in recipe.steps for k in s.requires()[1]})
     try:
         b = pool.batch(shard)
-        if "uid" not in b.columns():
-            raise KeyError(f"shard {shard}: no column 'uid'")
-        n = len(b)      # the footer's row count: a page that cannot be read fails later, named
+        n = len(b.arrow("uid"))     # read, not just the footer's count: corrupt pages are found here
         have = [c for c in cols if c in b.columns()] + [k for k in keys if k in b.embedding_keys()]
         for k in (k for k in keys if k in b.embedding_keys()):
             if (rows := b.embedding_rows(k)) != n:
@@ -320,10 +318,11 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
         cols.update(shard=pa.array(np.full(n, unit), pa.string()),
                     dropped_by=pa.DictionaryArray.from_arrays(pa.array(dropped_by, mask=dropped_by < 0), names).cast(pa.string()),
                     multiplicity=mult)
-        with atomic_file(work / f"decisions-{unit}.parquet", jobs.UNIT_DURABLE) as tmp:
-            # a part is read back once, by _merge: no compression, dictionaries only where values repeat
-            pq.write_table(pa.table(cols), tmp, compression="none", use_dictionary=["shard", "dropped_by"],
-                           write_statistics=False)
+        table = pa.table(cols)
+        with atomic_file(work / f"decisions-{unit}.arrow", jobs.UNIT_DURABLE) as tmp:
+            # a part is read back once, by _merge: Arrow IPC, written and memory-mapped as it is
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
     with atomic_file(work / f"kept-{unit}.npy", jobs.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
         kept = U.hex_to_array(uid.filter(pa.array(alive)), sort=False)    # only kept uids are parsed, as before
         np.save(fh, U.sort_uids(np.repeat(kept, mult[alive])), allow_pickle=False)
@@ -376,7 +375,7 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor, work_root
     pool, quarantined = probe_shards(recipe, pool, executor)
     check_requirements(recipe, pool)
     recipe = with_download_gate(recipe, pool)
-    work = jobs.WorkDir("filter", work_key(recipe, pool, decide, decisions), work_root)
+    work = jobs.WorkDir("filter", work_key(recipe, pool, decide, decisions), work_root, unsynced=True)
     path = work.path
     pool = replace(pool, scratch=str(path / "derived"), target_files=dict(recipe.targets))
     labels, steps = recipe.labels(), recipe.steps
@@ -401,11 +400,27 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor, work_root
 
     last = groups[-1][0] if groups else 0
     desc = ", ".join(labels[last:]) + " + decisions" if groups else "decisions"
-    finish = jobs.Job(f"filter {recipe.name}: {desc}", [f"decisions-{s}" for s in pool.shards],
+    out = local(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts: list[dict] = []
+
+    def arrived(pairs):     # the shards' stats in shard order, as their final pass completes
+        for unit, stats in pairs:
+            parts.append(stats)
+            yield path / f"{unit}.arrow"
+
+    def merge(pairs):       # decisions.parquet is written while later shards are still being decided
+        if decisions:
+            _merge_decisions(arrived(pairs), out / "decisions.parquet")
+        else:               # not asked for: an earlier run's table must not pass for this run's
+            for _ in arrived(pairs):
+                pass
+            (out / "decisions.parquet").unlink(missing_ok=True)
+
+    jobs.run(jobs.Job(f"filter {recipe.name}: {desc}", [f"decisions-{s}" for s in pool.shards],
                       partial(_unit_shard, partial(_finish, recipe, fitted, pool, path, list(starts), last, decide,
-                                                   decisions)))
-    parts = jobs.run(finish, executor, work)
-    funnel = _merge(recipe, fitted, pool, parts, path, out_dir, decide, decisions)
+                                                   decisions)), reduce=merge), executor, work)
+    funnel = _merge(recipe, fitted, pool, parts, path, out, decide)
     for k, t in enumerate(sum((np.asarray(p.pop("seconds"), float) for p in parts), np.zeros(len(steps) - last))):
         seconds[last + k] += t
     work.release()     # complete: the per-shard verdicts are not needed any more
@@ -444,7 +459,7 @@ def _decisions_layout(schema: pa.Schema) -> dict:
             "compression": {n: "none" if n == "uid" else "snappy" for n in schema.names}}
 
 
-def _merge_decisions(part_files: list[Path], dest: Path) -> None:
+def _merge_decisions(part_files, dest: Path) -> None:
     """decisions.parquet from the shards' parts, in shard order, a row group per few parts."""
     with atomic_file(dest) as tmp:
         writer, empty, pending = None, None, []
@@ -454,7 +469,7 @@ def _merge_decisions(part_files: list[Path], dest: Path) -> None:
             pending.clear()
 
         for f in part_files:
-            table = pq.read_table(f)
+            table = pa.ipc.open_file(pa.memory_map(str(f))).read_all()   # the map lives as long as the table
             if table.num_rows == 0:      # an empty shard's null-typed columns must not fix the schema
                 empty = table if empty is None else empty
                 continue
@@ -473,12 +488,9 @@ def _merge_decisions(part_files: list[Path], dest: Path) -> None:
             writer.close()
 
 
-def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Path, out_dir: str, decide: str,
-           decisions: bool) -> dict:
-    """decisions.parquet and uids.npy from the shards' parts, streamed shard by shard; the funnel."""
+def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Path, out: Path, decide: str) -> dict:
+    """uids.npy from the shards' kept parts, and the funnel from their counts."""
     steps, labels = recipe.steps, recipe.labels()
-    out = local(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n_after, n_decided, n_dropped = (np.zeros(len(steps), np.int64) for _ in range(3))
     total = 0
     download = {"downloaded": 0, "kept_without_image": 0}
@@ -489,10 +501,6 @@ def _merge(recipe: Recipe, fitted: list, pool: Pool, parts: list[dict], work: Pa
         n_dropped += np.asarray(part["dropped"], np.int64)
         for k, v in part.get("download", {}).items():
             download[k] += v
-    if decisions:
-        _merge_decisions([work / f"decisions-{s}.parquet" for s in pool.shards], out / "decisions.parquet")
-    else:       # not asked for: an earlier run's table must not pass for this run's
-        (out / "decisions.parquet").unlink(missing_ok=True)
     # each part is sorted (by its worker): the sort of their concatenation only merges runs
     U.save(out / "uids.npy", U.sort_uids(np.concatenate([np.load(work / f"kept-{s}.npy", allow_pickle=False)
                                                         for s in pool.shards]), runs=True))

@@ -107,7 +107,7 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
             col = pq.read_table(wio.source(wio.join(metadata_uri, f"{stem}.parquet")), columns=["uid"])["uid"]
         except (pa.ArrowInvalid, OSError, KeyError) as exc:
             raise ShardError(f"metadata file {stem}: cannot read its uid column: {exc}") from None
-        arr = U.hex_to_array(col.to_numpy(zero_copy_only=False), sort=False)
+        arr = U.hex_to_array(col, sort=False)
         parts.append(arr)
         owner.append(np.full(len(arr), k, np.int32))
     uids = np.concatenate(parts) if parts else np.zeros(0, U.UID_DTYPE)

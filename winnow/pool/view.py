@@ -119,7 +119,7 @@ class Rows:
         return self.batch.embedding(key)[self.rows]
 
     def cached(self, name: str, compute) -> np.ndarray:
-        return self.batch.cached(name, compute)[self.rows]
+        return self.batch.cached(name, compute)[self.rows]    # computed over the whole shard, then indexed
 
 
 @dataclass
@@ -176,15 +176,16 @@ class ShardView:
 
     def cached(self, name: str, compute) -> np.ndarray:
         """A per-sample array derived from this shard (e.g. a cosine from two embeddings), computed
-        once per run: with ``pool.scratch`` set it is saved there, so later passes and other worker
-        processes read it back instead of recomputing."""
+        once per run as ``compute(shard view)`` — over the whole shard, also when a ``Rows``
+        selection asks — and with ``pool.scratch`` set saved there, so later passes and other
+        worker processes read it back instead of recomputing."""
         if name in self._derived:
             return self._derived[name]
         path = Path(self.pool.scratch) / f"{name}-{self.shard}.npy" if self.pool.scratch else None
         if path is not None and path.exists():
             value = np.load(path, allow_pickle=False)
         else:
-            value = np.asarray(compute())
+            value = np.asarray(compute(self))
             if path is not None:
                 with atomic_file(path, wio.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:   # a job's scratch
                     np.save(fh, value)
