@@ -50,9 +50,9 @@ def plan(pool: Pool, subset: np.ndarray, examples: int = 5) -> dict:
     selected samples it holds (copies counted), the image shards that hold any (the only tars the
     resharder opens), and the selected uids the pool lacks (count and a few examples). Memory: the
     subset and its search keys (32 bytes per selected entry, as the resharder's own lookup needs
-    the subset whole), one flag per entry and one shard."""
+    the subset whole), two flags per entry and one shard."""
     U.check_subset(subset)
-    cover = np.zeros(len(subset) + 1, np.int32)    # +1 at each found run's start, -1 past its end
+    found = np.zeros(len(subset), bool)      # at the first entry of each selected uid the pool holds
     keys = U.byte_keys(subset)
     per_shard, rows = {}, 0
     for shard in tqdm(pool.shards, desc="reshard plan", unit="shard", disable=len(pool.shards) < 2):
@@ -61,13 +61,17 @@ def plan(pool: Pool, subset: np.ndarray, examples: int = 5) -> dict:
         lo, hi = U.search(keys, q)
         if (n := int((hi - lo).sum())):
             per_shard[shard] = n
-            np.add.at(cover, lo[hi > lo], 1)
-            np.add.at(cover, hi[hi > lo], -1)
-    missing = np.flatnonzero(np.cumsum(cover[:-1]) == 0)
+            found[lo[hi > lo]] = True
+    first = np.ones(len(keys), bool)        # an entry that starts its uid's run of copies
+    first[1:] = keys[1:] != keys[:-1]
+    del keys
+    missing = np.flatnonzero(first & ~found)
+    lacking = len(subset) - sum(per_shard.values())     # entries, copies counted (pool uids are unique: its gate)
     image_shards = set().union(*(pool.image_shards(s) for s in per_shard)) if per_shard else set()
     return {"pool_rows": rows, "selected": int(len(subset)), "per_shard": per_shard,
             "image_shards": [s for s in pool.all_image_shards() if s in image_shards],
-            "not_in_pool": int(len(missing)), "not_in_pool_examples": U.array_to_hex(subset[missing[:examples]]).tolist()}
+            "not_in_pool": int(max(lacking, len(missing))),
+            "not_in_pool_examples": U.array_to_hex(subset[missing[:examples]]).tolist()}
 
 
 def work_key(pool: Pool, subset: np.ndarray, shard_size: int) -> jobs.Key:
