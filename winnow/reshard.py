@@ -96,6 +96,7 @@ def _write(pool: Pool, subset: np.ndarray, work, shard_size: int, image_shards: 
     build = work.path
     found = written = 0
     seen = np.zeros(len(subset), bool)
+    keys = U.byte_keys(subset)       # once: every tar's uids are searched in them
     counts = _complete(work)
     skip = sum(counts)           # samples already in closed output shards
     sink = None
@@ -115,7 +116,7 @@ def _write(pool: Pool, subset: np.ndarray, work, shard_size: int, image_shards: 
             unreadable.append(str(exc))
         if not samples:
             continue
-        lo, hi = U.search(subset, U.hex_to_array([s["json"]["uid"] for s in samples], sort=False))
+        lo, hi = U.search(keys, U.hex_to_array([s["json"]["uid"] for s in samples], sort=False))
         for s, a, b in zip(samples, lo, hi):
             if b == a:
                 continue
