@@ -45,5 +45,8 @@ test: $(STAMP) $(I2D)/.installed chromium
 test-fast: $(STAMP) $(I2D)/.installed
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow"
 
+# every generated file (DVC outputs, the report's documents, MLflow's store and artifacts, work dirs);
+# the DVC cache and reports/compare/demo* (committed results) stay
 clean:
-	rm -rf data models reports/eval reports/filter reports/validation reports/timings reports/index.md mlflow.db
+	rm -rf data models reports/eval reports/filter reports/validation reports/timings reports/stages reports/plots \
+		reports/index.html reports/index.md reports/compare/runs.md mlflow.db mlruns mlartifacts .winnow

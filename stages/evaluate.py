@@ -49,7 +49,7 @@ def body(p: Params) -> dict:
                                    "main": r["main"], "status": r["status"], "quarantined": r.get("quarantined", 0)}
                                   for r in rows]), "eval/tasks.json")
     track.log_metrics({f"task.{r['key']}": {k: v for k, v in r["metrics"].items() if k != "groups"}
-                       for r in rows if r["status"] == "ok"})
+                       | {"seconds": r.get("seconds")} for r in rows if r["status"] == "ok"})
     out = {**{f"group.{g}": v for g, v in summary["groups"].items()},
            **{f"main.{k}": v for k, v in summary["tasks"].items()},
            "missing": len(summary["missing"]), "num_scored": summary["num_scored"]}

@@ -1,9 +1,12 @@
 """Stage `filter`: run the recipe named in params; write uids.npy, decisions.parquet and the funnel;
 gate: uids.npy sorted and as large as the funnel says, subset size within the recipe's bounds.
 Everything after the engine streams too: the truth metrics read decisions.parquet in batches."""
+import json
+
 import pandas as pd
 
 from winnow import io as wio
+from winnow import track
 from winnow.config import Params
 from winnow.executor import Executor
 from winnow.demo.truth import truth_metrics
@@ -18,6 +21,15 @@ from winnow.validate import Gate, expect
 OUT = "data/filter"
 
 
+def decision_summary(funnel: dict) -> pd.DataFrame:
+    """One row per step: what it was told, what it fitted (thresholds), what it decided and dropped."""
+    return pd.DataFrame([{"step": s["step"], "params": json.dumps(s["params"], sort_keys=True),
+                          "state": json.dumps(s["state"], sort_keys=True), "kept_after": s["kept_after"],
+                          "dropped_here": s["dropped_here"], "dropped_standalone": s["dropped_standalone"]}
+                         for s in funnel["steps"]],
+                        columns=["step", "params", "state", "kept_after", "dropped_here", "dropped_standalone"])
+
+
 def body(p: Params) -> dict:
     recipe = params_recipe(p.filter)   # validated before any data is read
     pool = Pool.open("data/pool", embed_uri="data/embed")
@@ -29,7 +41,10 @@ def body(p: Params) -> dict:
     if wio.exists("data/embed/meta.json"):   # what the embed stage quarantined never reaches a step as an image
         emb = read_json("data/embed/meta.json")
         funnel["quarantine"] = {k: emb.get(k, 0) for k in ("corrupt_images", "missing_images", "unreadable_tars")}
+    seconds = {s["step"]: s.pop("seconds") for s in funnel["steps"]}   # MLflow only: funnel.json is a DVC output
     write_json("reports/filter/funnel.json", funnel)
+    track.log_artifact("reports/filter/funnel.json")
+    track.log_table(decision_summary(funnel), "filter/decision_summary.json")
     subset = U.load(f"{OUT}/uids.npy")            # sorted u8,u8, or a named UidError
     unique = int(len(subset) and 1 + (subset[1:] != subset[:-1]).sum())
     E = expect()
@@ -52,6 +67,7 @@ def body(p: Params) -> dict:
                "kept_fraction": funnel["kept_fraction"]}
     for s in funnel["steps"]:
         metrics[f"kept_after.{s['step']}"] = s["kept_after"]
+        metrics[f"seconds.{s['step']}"] = seconds[s["step"]]
     for k, v in funnel.get("download", {}).items():   # DataComp's download layout
         metrics[f"download.{k}"] = v
     return metrics

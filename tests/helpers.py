@@ -12,7 +12,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -78,16 +77,10 @@ def copy_project(src: Path, dest: Path) -> Path:
     copied: a project made with ``make_project(..., dvc_cache=...)`` keeps pointing at the shared
     one (outputs and run-cache entries are content-addressed, so sharing never changes a result;
     a stage another copy already ran with the same inputs is restored instead of re-run). MLflow's
-    artifact locations are absolute paths: they are moved to the copy."""
+    store moves its artifact locations to the copy itself (winnow.track.relocate_artifacts)."""
     src, dest = Path(src), Path(dest)
     shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True,
                     ignore=lambda d, names: ["cache", "tmp"] if Path(d) == src / ".dvc" else [])
-    db = dest / "mlflow.db"
-    if db.exists():
-        with sqlite3.connect(db) as con:
-            old, new = f"{src}/", f"{dest}/"
-            con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
-            con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
     return dest
 
 

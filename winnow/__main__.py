@@ -40,36 +40,56 @@ def _run(extra: list[str]) -> int:
         return rc
     params = load_params()
     t0 = time.time()
-    with track.pipeline_run(params) as run:
-        env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        rc = subprocess.call(["dvc", "repro", *extra], env=env)
-        if rc != 0:
-            import mlflow
-
-            mlflow.set_tag("winnow.failed", "true")
-            print(f"\npipeline FAILED (dvc repro exit {rc}); MLflow parent run {run.info.run_id}", file=sys.stderr)
-            return rc
+    try:
+        with track.pipeline_run(params) as run:
+            env = dict(os.environ)   # with the parent run's id
+            env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+            rc, tail = _tee_stderr(["dvc", "repro", *extra], env)
+            if rc != 0:
+                raise _Failed(_stage_exit(tail, rc))
+    except _Failed as failed:
+        print(f"\npipeline FAILED (exit {failed.code}); MLflow parent run {run.info.run_id}", file=sys.stderr)
+        return failed.code
     print(f"\npipeline finished in {time.time() - t0:.0f}s; MLflow parent run {run.info.run_id}")
     print(f"report: {Path('reports/index.html').resolve()}")
     return 0
 
 
-def _compare(limit: int) -> int:
-    """Print the MLflow runs of this experiment side by side; write reports/compare/runs.md and
-    log it as an MLflow artifact."""
-    import mlflow
+def _tee_stderr(cmd: list[str], env: dict) -> tuple[int, str]:
+    """Run ``cmd`` with its stderr passed through as it comes (progress bars included); returns its
+    exit status and the last 8 KiB of that stderr."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    tail = b""
+    while chunk := os.read(proc.stderr.fileno(), 65536):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-8192:]
+    return proc.wait(), tail.decode("utf-8", "replace")
 
+
+class _Failed(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _stage_exit(stderr: str, dvc_rc: int) -> int:
+    """The failed stage's own exit status: dvc exits 255 on any failure and names the stage's code
+    in "failed to reproduce '<stage>': ... exited with N"."""
+    import re
+
+    found = re.findall(r"exited with (-?\d+)", stderr)
+    return int(found[-1]) if found else dvc_rc
+
+
+def _compare(limit: int) -> int:
+    """Print the evaluated runs of this experiment side by side and write reports/compare/runs.md.
+    Reads MLflow only."""
     from winnow import compare, track
     from winnow.config import load_params
 
     p = load_params()
     rows = compare.runs_table(track.tracking_uri(p.tracking.uri), p.tracking.experiment, limit)
     print(compare.write(rows))
-    mlflow.set_tracking_uri(track.tracking_uri(p.tracking.uri))
-    mlflow.set_experiment(p.tracking.experiment)
-    with mlflow.start_run(run_name="compare", tags={"winnow.kind": "compare"}):
-        mlflow.log_artifact("reports/compare/runs.md")
     print(f"wrote {Path('reports/compare/runs.md').resolve()}")
     return 0
 

@@ -1,5 +1,10 @@
-"""Runs side by side, from MLflow: recipe, subset size, samples seen, the ImageNet-group score,
-group means and the average, one row per evaluated pipeline run (newest first).
+"""Runs side by side, from MLflow: one row per trained-and-evaluated model, newest first, with its
+recipe, scale, DVC experiment, subset size, samples seen, the ImageNet-group score, group means
+and the average. Read-only: it never creates a run.
+
+Rows come from the pipeline parent runs (winnow.track) that the report stage finished: an
+execution whose stages DVC all skipped evaluates the same model again, so a model (its checkpoint
+hash, tag ``winnow.model``) evaluated on one suite is one row, its newest execution.
 
     python -m winnow compare            # prints the table, writes reports/compare/runs.md
 """
@@ -17,45 +22,49 @@ def runs_table(tracking_uri: str, experiment: str, limit: int = 50) -> list[dict
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attributes.start_time DESC"])
-    by_parent: dict[str, dict[str, object]] = {}
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`winnow.kind` = 'pipeline'",
+                              max_results=5000, order_by=["attributes.start_time DESC"])
+    rows, seen = [], set()
     for r in runs:
-        parent = r.data.tags.get("mlflow.parentRunId")
-        stage = r.data.tags.get("winnow.stage")
-        if parent and stage:
-            by_parent.setdefault(parent, {}).setdefault(stage, r)
-    parents = {r.info.run_id: r for r in runs}
-    rows = []
-    for r in runs:
-        if r.data.tags.get("winnow.stage") != "evaluate" or r.info.status != "FINISHED":
+        m, p, t = r.data.metrics, r.data.params, r.data.tags
+        score = m.get("average", m.get("partial_average"))
+        if score is None:          # not evaluated (failed, or stopped before the report)
             continue
-        siblings = by_parent.get(r.data.tags.get("mlflow.parentRunId", ""), {})
-        parent = parents.get(r.data.tags.get("mlflow.parentRunId", ""))
-        flt, train = siblings.get("filter"), siblings.get("train")
-        m = r.data.metrics
-        recipe = next((src.data.params[k] for src in (parent, flt) if src        # a name, or an inline recipe's
-                       for k in ("filter.recipe", "filter.recipe.name") if src.data.params.get(k)), None)
+        model = (t.get("winnow.model") or r.info.run_id, p.get("eval.suite"))
+        if model in seen:
+            continue
+        seen.add(model)
         rows.append({
-            "run": (parent or r).info.run_name, "run_id": (parent or r).info.run_id[:8],
-            "recipe": recipe or "?",
-            "subset_size": int(flt.data.metrics["subset_size"]) if flt and "subset_size" in flt.data.metrics else None,
-            "samples_seen": int(train.data.metrics["samples_seen"]) if train and "samples_seen" in train.data.metrics else None,
-            "imagenet": m.get("group.ImageNet"),
+            "run": r.info.run_name, "run_id": r.info.run_id[:8], "recipe": p.get("recipe") or "?",
+            "scale": p.get("scale"), "experiment": t.get("winnow.dvc_experiment"),
+            "subset_size": _int(m.get("subset_size")), "samples_seen": _int(m.get("samples_seen")),
+            "kept_fraction": m.get("kept_fraction"), "imagenet": m.get("group.ImageNet"),
             "groups": {k.removeprefix("group."): v for k, v in m.items() if k.startswith("group.")},
-            "average": m.get("average"),
+            "average": m.get("average"), "partial": "average" not in m,
         })
         if len(rows) >= limit:
             break
     return rows
 
 
+def _int(v) -> int | None:
+    return None if v is None else int(v)
+
+
+def baseline(rows: list[dict], scale: str | None, exclude: str | None = None) -> dict | None:
+    """The newest no_filter row at ``scale`` (not the run ``exclude``): what Δ is measured against."""
+    return next((r for r in rows if r["recipe"] == "no_filter" and r["scale"] == scale and r["run_id"] != exclude
+                 and r["average"] is not None), None)
+
+
 def to_markdown(rows: list[dict]) -> str:
     groups = sorted({g for r in rows for g in r["groups"]})
-    head = ["run", "recipe", "subset size", "samples seen", "ImageNet group"] + groups + ["average"]
+    head = ["run", "recipe", "scale", "experiment", "subset size", "samples seen"] + groups + ["average"]
     fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['run']} ({r['run_id']})", r["recipe"], r["subset_size"], r["samples_seen"], r["imagenet"]]
+        cells = [f"{r['run']} ({r['run_id']})", r["recipe"], r.get("scale"), r.get("experiment"), r["subset_size"],
+                 r["samples_seen"]]
         cells += [r["groups"].get(g) for g in groups] + [r["average"]]
         lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

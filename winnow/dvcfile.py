@@ -57,6 +57,12 @@ def outputs(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     return declared_outputs(stage(name, dvc_yaml))
 
 
+def documents(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """Files a stage writes on every run that are not DVC outputs (``meta: {documents: [...]}``,
+    which DVC ignores): the report's pages, dated, so never cached."""
+    return list((stage(name, dvc_yaml).get("meta") or {}).get("documents", []) or [])
+
+
 def _under(dep: str, out: str) -> bool:
     # a dep inside an out (data/plan/needs.json in data/plan) or an out inside a dep directory
     return dep == out or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/")

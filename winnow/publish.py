@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from winnow.dvcfile import outputs
+from winnow.dvcfile import documents, outputs
 from winnow.io import file_sha256
 from winnow.s3 import S3Error
 
@@ -66,8 +66,8 @@ class OverlapError(PublishError):
 
 
 def stage_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
-    """The paths a stage declares as outs, metrics and plots."""
-    return outputs(stage, dvc_yaml)
+    """The paths a stage declares as outs, metrics and plots, and the documents it writes."""
+    return outputs(stage, dvc_yaml) + documents(stage, dvc_yaml)
 
 
 def _files(path: Path) -> list[tuple[str, Path]]:

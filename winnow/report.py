@@ -31,6 +31,9 @@ class RunData:
     decisions: pd.DataFrame | None = None
     truth: pd.DataFrame | None = None
     earlier: list[dict] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)   # date, commit, DVC experiment, MLflow run, scale, pool source
+    description: str = ""                            # the recipe's own description
+    baseline: dict | None = None                     # the latest no_filter run at this scale (compare row), for Δ
 
 
 def _read(path) -> dict:
@@ -76,6 +79,34 @@ def _cell(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
+def sig3(v) -> str:
+    """A parameter value for people: floats to 3 significant digits, containers item by item."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if isinstance(v, bool) else "null"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={sig3(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(sig3(x) for x in v) + "]"
+    return str(v)
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.3f}"
+
+
+def _headline_rows(run: RunData) -> list[list]:
+    """What the run is: its provenance, then Δ against the latest no_filter run at the same scale."""
+    rows = [[k, v] for k, v in run.provenance.items() if v not in (None, "")]
+    b, s = run.baseline, run.summary
+    if b and b.get("average") is not None and s.get("average") is not None:
+        rows.append([f"Δ average vs no_filter ({b['run']}, {b['run_id']})", _signed(s["average"] - b["average"])])
+        if b.get("imagenet") is not None and s.get("groups", {}).get("ImageNet") is not None:
+            rows.append(["Δ ImageNet group vs no_filter", _signed(s["groups"]["ImageNet"] - b["imagenet"])])
+    return rows
+
+
 def _markdown_table(t: Table) -> str:
     lines = ["| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
     return "\n".join(lines + ["| " + " | ".join(_cell(v) for v in r) + " |" for r in t.rows])
@@ -84,8 +115,11 @@ def _markdown_table(t: Table) -> str:
 def _sections(run: RunData, markdown: bool) -> list[tuple[str, list[str | Table]]]:
     """(title, blocks) pairs shared by the markdown and HTML reports; a block is a paragraph or a table."""
     f, s, out = run.funnel, run.summary, []
+    if run.provenance or run.description:
+        blocks: list = [run.description] if run.description else []
+        out.append(("Run", blocks + [Table(["field", "value"], _headline_rows(run))]))
     if f:
-        rows = [[st["step"], json.dumps({k: v for k, v in st["params"].items() if k != "name"} | st["state"]),
+        rows = [[st["step"], sig3({k: v for k, v in st["params"].items() if k != "name"} | st["state"]),
                  st["kept_after"], st["dropped_here"], st["dropped_standalone"]] for st in f.get("steps", [])]
         intro = (f"Pool: {f.get('pool_size')} samples → kept {f.get('kept_unique')} unique "
                  f"({100 * f.get('kept_fraction', 0):.1f}%), subset with repeats: {f.get('subset_size')}.")
@@ -98,7 +132,10 @@ def _sections(run: RunData, markdown: bool) -> list[tuple[str, list[str | Table]
     truth = f.get("truth")
     if truth:
         kinds = sorted(next(iter(truth.values())).keys())
-        rows = [[lab] + [f"{v[k]['recall']:.2f} / {v[k]['precision']:.2f}" for k in kinds] for lab, v in truth.items()]
+        order = [st["step"] for st in f.get("steps", [])]   # the recipe's order, then the whole recipe
+        labels = sorted(truth, key=lambda lab: (order.index(lab) if lab in order else len(order), lab))
+        rows = [[lab] + [f"{truth[lab][k]['recall']:.2f} / {truth[lab][k]['precision']:.2f}" for k in kinds]
+                for lab in labels]
         out.append(("What each step removed, against the demo's ground truth", [
             "Recall: share of each noise kind the step drops on its own (for clean: collateral loss). "
             "Precision: share of the step's drops that are of that kind.",
@@ -122,9 +159,10 @@ def _sections(run: RunData, markdown: bool) -> list[tuple[str, list[str | Table]
         if markdown:   # the markdown table also has a column per evaluation group
             out.append(("Earlier runs", [to_markdown(run.earlier)]))
         else:
-            rows = [[f"{r['run']} ({r['run_id']})", r["recipe"], r["subset_size"], r["samples_seen"], r["imagenet"], r["average"]]
-                    for r in run.earlier]
-            out.append(("Earlier runs", [Table(["run", "recipe", "subset size", "samples seen", "ImageNet group", "average"], rows)]))
+            rows = [[f"{r['run']} ({r['run_id']})", r["recipe"], r.get("scale"), r.get("experiment"), r["subset_size"],
+                     r["samples_seen"], r["imagenet"], r["average"]] for r in run.earlier]
+            out.append(("Earlier runs", [Table(["run", "recipe", "scale", "experiment", "subset size", "samples seen",
+                                                "ImageNet group", "average"], rows)]))
     if run.timings:
         out.append(("Stage wall time (last run of each stage)", [Table(["stage", "seconds"], [[k, v] for k, v in run.timings.items()])]))
     return out

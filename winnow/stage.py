@@ -1,5 +1,9 @@
 """What every stage entry point shares: load and validate params, run inside an MLflow child run,
-time it, log metrics, and turn known failures into one clear message and a non-zero exit."""
+time it, log metrics, and turn known failures into one clear message and a non-zero exit.
+
+A stage's metrics also go to ``reports/stages/<stage>.json`` when dvc.yaml declares it (a DVC
+output, wall times left out so its bytes depend only on the inputs): when DVC skips the stage or restores it from its run-cache,
+the report stage logs a "cached" child run with the metrics of the outputs DVC restored."""
 from __future__ import annotations
 
 import sys
@@ -7,9 +11,18 @@ import time
 from typing import Callable
 
 from winnow.config import Params, load_params
-from winnow.dvcfile import params_keys
+from winnow.dvcfile import outputs, params_keys
 from winnow.errors import WinnowError
 from winnow.io import write_json
+
+
+def record_path(stage: str) -> str:
+    return f"reports/stages/{stage}.json"
+
+
+def _is_timing(key: str) -> bool:
+    return key == "wall_s" or "seconds" in key or "per_s" in key
+
 
 def main(stage: str, body: Callable[[Params], dict]) -> None:
     """Run ``body(params)`` as stage ``stage``; it returns metrics (nested dicts are flattened).
@@ -26,6 +39,9 @@ def main(stage: str, body: Callable[[Params], dict]) -> None:
             s3.use_endpoint(params.storage.endpoint_url)
         with track.stage_run(stage, params, sections):
             metrics = body(params) or {}
+            if record_path(stage) in outputs(stage):
+                write_json(record_path(stage), {k: v for k, v in track.flatten(metrics).items()
+                                                if isinstance(v, (int, float)) and not _is_timing(k)})
             if params.storage.uri:   # after the gate: only validated outputs are published
                 from winnow.publish import publish_stage, storage_prefix
 

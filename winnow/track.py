@@ -1,14 +1,19 @@
-"""MLflow tracking: one parent run per pipeline run, one child run per stage.
+"""MLflow tracking: one parent run per pipeline execution, one child run per stage.
 
-The parent's id travels to stage processes in ``WINNOW_PARENT_RUN_ID`` (set by ``winnow run`` and
-the Prefect flow). A stage run without it (plain ``dvc repro``) is a top-level run tagged with its
-stage. Params are flattened from params.yaml with secret-looking values masked.
+An execution is a ``winnow run``, a Prefect flow run, a bare ``dvc repro`` or one ``dvc exp run``
+point. The first two make the parent themselves and pass its id to the stage processes in
+``WINNOW_PARENT_RUN_ID``; under plain DVC the first stage makes it, tagged with the ``dvc`` process
+it runs under, and the later stages find it by that tag. The parent carries what tells executions
+apart (recipe, scale, pool source, git commit, DVC experiment name) and, from the report stage,
+the headline metrics and the report; each stage's child carries its params section and metrics.
+Params are flattened from params.yaml with secret-looking values masked.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+from pathlib import Path
 
 PARENT_ENV = "WINNOW_PARENT_RUN_ID"
 _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
@@ -126,53 +131,266 @@ def _param(v) -> str:
     return v if len(v) <= 6000 else v[:5990] + " …(cut)"
 
 
-def _setup(params) -> None:
+def _setup(params) -> str:
+    """Point MLflow at the project's store and experiment; returns the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params.tracking.uri))
-    mlflow.set_experiment(params.tracking.experiment)
+    uri = tracking_uri(params.tracking.uri)
+    mlflow.set_tracking_uri(uri)
+    if db := _local_sqlite(uri):
+        relocate_artifacts(db)
+    return mlflow.set_experiment(params.tracking.experiment).experiment_id
+
+
+def _local_sqlite(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
+def relocate_artifacts(db: Path) -> int:
+    """Keep a sqlite store's artifacts under the project that holds the store. MLflow records each
+    experiment's and run's artifact location as an absolute path, so a copied project (a clone of a
+    workspace, a DVC temp dir, a test's copy) would write its artifacts into the original; there
+    is no API to move them, so the recorded ``<old project>/mlruns`` prefix is rewritten to this
+    project's ``mlruns`` (which the copy brought along). Returns the rows rewritten."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    here = str(db.parent / "mlruns")
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        with con:
+            try:
+                rows = con.execute("SELECT DISTINCT artifact_location FROM experiments").fetchall()
+            except sqlite3.OperationalError:   # a new store: MLflow has not made its tables yet
+                return 0
+            n = 0
+            for (loc,) in rows:
+                path = (loc or "").removeprefix("file://")
+                if not path.startswith("/") or "/mlruns" not in path:
+                    continue                      # remote, or not the default layout: left alone
+                old = path[: path.rindex("/mlruns") + len("/mlruns")]
+                if old == here:
+                    continue
+                for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                                   ("logged_models", "artifact_location")):
+                    for a, b in ((old, here), (f"file://{old}", f"file://{here}")):
+                        try:
+                            n += con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) "
+                                             f"WHERE substr({col}, 1, ?) = ?", (b, len(a) + 1, len(a), a)).rowcount
+                        except sqlite3.OperationalError:   # a table this MLflow version lacks
+                            break
+            return n
+    finally:
+        con.close()
+
+
+# --- the pipeline execution (one MLflow parent run) ------------------------------------------------
+
+EXECUTION_TAG = "winnow.execution"   # which process tree a parent run belongs to
+OWNED_TAG = "winnow.parent"          # "stages": the stages created it and close it; "caller": winnow run / Prefect
+
+
+def _is_dvc(cmdline: list[str]) -> bool:
+    """``dvc …``, ``python …/bin/dvc …`` or ``python -m dvc …``."""
+    head = cmdline[:3]
+    return any(os.path.basename(a) == "dvc" for a in head) or "-m dvc" in " ".join(head)
+
+
+def execution_key() -> str:
+    """The ``dvc`` process (repro, exp run) this stage runs under, as pid and start time: every stage
+    of one ``dvc repro`` / ``dvc exp run`` shares it, and no other execution does. Without a dvc
+    ancestor (a stage run by hand) the stage is an execution of its own."""
+    import psutil
+
+    me = psutil.Process()
+    for proc in me.parents():
+        try:
+            if _is_dvc(proc.cmdline()):
+                return f"dvc:{proc.pid}:{proc.create_time():.3f}"
+        except psutil.Error:
+            continue
+    return f"process:{me.pid}:{me.create_time():.3f}"
+
+
+def git_commit() -> str | None:
+    """The commit the pipeline runs on (DVC's baseline in an experiment), ``+dirty`` when the
+    working tree has tracked changes (params.yaml edited by hand, say)."""
+    import subprocess
+
+    rev = os.environ.get("DVC_EXP_BASELINE_REV")
+    try:
+        if not rev:
+            rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!dvc.lock"], capture_output=True).returncode
+            rev += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev or None
+
+
+def describe(params) -> tuple[dict, dict]:
+    """The params and tags of a pipeline parent run: what tells one execution from another in
+    MLflow's compare view (the whole params.yaml is in each stage's child run)."""
+    import json
+
+    recipe = params.filter.recipe if isinstance(params.filter.recipe, str) else params.filter.recipe.get("name", "inline")
+    p = {"recipe": recipe, "scale": params.train.scale, "pool.source": params.pool.source,
+         "pool.uri": params.pool.uri, "seed": params.seed, "train.seed": params.train.seed,
+         "eval.suite": params.eval.suite}
+    if params.filter.overrides:
+        p["filter.overrides"] = json.dumps(params.filter.overrides, sort_keys=True)
+    exp = os.environ.get("DVC_EXP_NAME")
+    tags = {"winnow.kind": "pipeline", "winnow.recipe": recipe, "winnow.scale": params.train.scale,
+            "winnow.pool_source": params.pool.source}
+    if commit := git_commit():
+        tags["winnow.git_commit"] = tags["mlflow.source.git.commit"] = commit
+    if exp:
+        tags["winnow.dvc_experiment"] = exp
+        p["dvc.experiment"] = exp
+    return {k: _param(v) for k, v in p.items()}, tags
+
+
+def _start_parent(params, name: str, tags: dict) -> str:
+    import mlflow
+
+    exp_id = _setup(params)
+    values, base = describe(params)
+    name = os.environ.get("DVC_EXP_NAME") or name
+    client = mlflow.tracking.MlflowClient()
+    run = client.create_run(exp_id, run_name=name, tags=base | tags)
+    client.log_batch(run.info.run_id, params=[_Param(k, v) for k, v in values.items()])
+    return run.info.run_id
+
+
+def _Param(k, v):
+    from mlflow.entities import Param
+
+    return Param(k, v)
 
 
 @contextlib.contextmanager
 def pipeline_run(params, name: str = "pipeline"):
-    """The parent run; exports its id so stage subprocesses nest under it."""
+    """The parent run of a caller that runs the stages (``winnow run``, the Prefect flow); its id
+    goes to the stage processes in ``WINNOW_PARENT_RUN_ID``. Failed when the body raises."""
     import mlflow
 
-    _setup(params)
-    with mlflow.start_run(run_name=name, tags={"winnow.kind": "pipeline"}) as run:
-        mlflow.log_params({k: _param(v) for k, v in flatten(params.model_dump()).items()})
-        old = os.environ.get(PARENT_ENV)
-        os.environ[PARENT_ENV] = run.info.run_id
-        try:
-            yield run
-        finally:
-            if old is None:
-                os.environ.pop(PARENT_ENV, None)
-            else:
-                os.environ[PARENT_ENV] = old
+    run_id = _start_parent(params, name, {OWNED_TAG: "caller"})
+    old = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = run_id
+    client = mlflow.tracking.MlflowClient()
+    status = "FAILED"
+    try:
+        yield client.get_run(run_id)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+        if old is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = old
+
+
+def current_parent(params) -> tuple[str, bool]:
+    """(parent run id, whether the stages own it). From ``WINNOW_PARENT_RUN_ID`` when a caller made
+    one; else the parent of this ``dvc repro`` / ``dvc exp run`` (found by its execution tag, made
+    by the first stage that runs)."""
+    import mlflow
+
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV], False
+    exp_id = _setup(params)
+    key = execution_key()
+    client = mlflow.tracking.MlflowClient()
+    found = client.search_runs([exp_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id, True
+    name = "dvc-exp-run" if os.environ.get("DVC_EXP_NAME") else ("dvc-repro" if key.startswith("dvc:") else "stage")
+    return _start_parent(params, name, {OWNED_TAG: "stages", EXECUTION_TAG: key}), True
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, params, sections: list[str]):
+    """A stage's child run under the execution's parent. A parent the stages own is RUNNING while a
+    stage runs, FINISHED between stages and after the last, FAILED when a stage fails."""
     import mlflow
 
-    _setup(params)
-    parent = os.environ.get(PARENT_ENV) or None
-    with mlflow.start_run(run_name=stage, parent_run_id=parent,
-                          tags={"winnow.stage": stage, "winnow.kind": "stage"}) as run:
-        flat = flatten(params.model_dump())
-        mine = {k: _param(v) for k, v in flat.items() if any(k == s or k.startswith(f"{s}.") for s in sections)}
-        mlflow.log_params(mine)
-        yield run
+    parent, owned = current_parent(params)
+    client = mlflow.tracking.MlflowClient()
+    if owned:
+        client.update_run(parent, status="RUNNING")
+    ok = False
+    try:
+        with mlflow.start_run(run_name=stage, parent_run_id=parent,
+                              tags={"winnow.stage": stage, "winnow.kind": "stage"}) as run:
+            mlflow.log_params(section_params(params, sections))
+            yield run
+        ok = True
+    finally:
+        if owned:
+            client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+
+
+def section_params(params, sections: list[str]) -> dict:
+    flat = flatten(params.model_dump())
+    return {k: _param(v) for k, v in flat.items() if any(k == s or k.startswith(f"{s}.") for s in sections)}
+
+
+def _numeric(metrics: dict) -> dict:
+    import math
+
+    return {k.replace("@", "_at_").replace(":", "_"): float(v) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def log_cached_stages(parent: str, params, stages: dict[str, list[str]], metrics_of) -> list[str]:
+    """A child run, tagged ``winnow.cached``, for each stage of ``stages`` ({name: params sections})
+    that has none under ``parent``: DVC skipped it or restored its outputs from the run-cache, so
+    its metrics are those of the outputs on disk (``metrics_of(stage)``). Returns the stages logged."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.tracking.MlflowClient()
+    exp_id = client.get_run(parent).info.experiment_id
+    have = {r.data.tags.get("winnow.stage") for r in
+            client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000)}
+    logged = []
+    for stage, sections in stages.items():
+        if stage in have:
+            continue
+        run = client.create_run(exp_id, run_name=stage, tags={
+            "winnow.stage": stage, "winnow.kind": "stage", "winnow.cached": "true", "mlflow.parentRunId": parent})
+        import time
+
+        now = int(time.time() * 1000)
+        client.log_batch(run.info.run_id,
+                         metrics=[Metric(k, v, now, 0) for k, v in _numeric(metrics_of(stage)).items()],
+                         params=[Param(k, v) for k, v in section_params(params, sections).items()])
+        client.set_terminated(run.info.run_id, "FINISHED")
+        logged.append(stage)
+    return logged
+
+
+def finish_parent(parent: str, metrics: dict, tags: dict, artifacts: list[str]) -> None:
+    """The execution's headline: metrics, tags (the model's identity) and the report on the parent."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    client = mlflow.tracking.MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in _numeric(metrics).items()],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for path in artifacts:
+        if os.path.exists(path):
+            client.log_artifact(parent, path, artifact_path="report")
 
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:
-    import math
-
     import mlflow
 
-    flat = {k.replace("@", "_at_").replace(":", "_"): float(v) for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    flat = _numeric(metrics)
     if flat:
         mlflow.log_metrics(flat, step=step)
 
