@@ -20,7 +20,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests.fixtures.datacomp_pool import datacomp_pool  # noqa: E402,F401  (session fixture, for every module)
-from tests.helpers import MICRO_PARAMS  # noqa: E402
+from tests.helpers import MICRO_PARAMS, copy_project, make_project, winnow  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +56,20 @@ def s3_server(tmp_path_factory):
             else:
                 os.environ[k] = v
         s3.client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """The micro demo pipeline (recipe clip_score_top30) in a throwaway git repo, run once per
+    session by `winnow run`. Read-only: a test that changes anything works in a `project` copy."""
+    root = tmp_path_factory.mktemp("e2e")
+    proj = make_project(root / "built", MICRO_PARAMS, dvc_cache=root / "dvc-cache")
+    proc = winnow(proj, "run")
+    assert "report: " in proc.stdout and "index.html" in proc.stdout
+    return proj
+
+
+@pytest.fixture
+def project(built, tmp_path):
+    """This test's own copy of the built project."""
+    return copy_project(built, tmp_path / "project")

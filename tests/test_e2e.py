@@ -1,7 +1,7 @@
 """End to end on a tiny demo in a throwaway git repo: `winnow run` (dvc repro under an MLflow
 parent run), DVC caching, partial re-runs, and the same DAG as a Prefect flow.
 
-The pipeline runs once per module (`built`), which tests only read. A test that edits params or
+The pipeline runs once per session (`built`, tests/conftest.py), which tests only read. A test that edits params or
 re-runs stages works in its own copy (`project`), so every test runs alone or in any order. The
 copies share one DVC cache, run-cache included: a stage that another copy already ran with the same
 inputs is restored from it instead of run again, and `ran` counts it (DVC found it out of date)."""
@@ -18,22 +18,6 @@ from tests.helpers import (MICRO_PARAMS, changed_stages, copy_project, dvc, env_
 pytestmark = pytest.mark.slow
 STAGES = ["pool", "tasks", "plan", "scorer", "embed", "filter", "reshard", "train", "evaluate", "report"]
 TASKS = ["shapes", "shapes_outline", "counting", "colours", "shape_kinds", "retrieval"]   # configs/tasks/demo.yaml
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The demo pipeline (recipe clip_score_top30), run once by `winnow run`. Read-only."""
-    root = tmp_path_factory.mktemp("e2e")
-    proj = make_project(root / "built", MICRO_PARAMS, dvc_cache=root / "dvc-cache")
-    proc = winnow(proj, "run")
-    assert "report: " in proc.stdout and "index.html" in proc.stdout
-    return proj
-
-
-@pytest.fixture
-def project(built, tmp_path):
-    """This test's own copy of the built project."""
-    return copy_project(built, tmp_path / "project")
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +93,27 @@ def test_mlflow_has_one_parent_with_a_child_per_stage(built):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("winnow.kind") == "pipeline"]
     assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["winnow.stage"] for r in children) == sorted(STAGES)
+    assert not any(r.data.tags.get("winnow.cached") for r in children)      # a first run runs every stage
     by_stage = {r.data.tags["winnow.stage"]: r for r in children}
     summary = json.loads((built / "reports/eval/summary.json").read_text())
     assert by_stage["evaluate"].data.metrics["average"] == pytest.approx(summary["average"])
     funnel = json.loads((built / "reports/filter/funnel.json").read_text())
+    # the parent: what tells executions apart, the headline, the report; no 47-param dump
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["recipe"] == "clip_score_top30" and parent.data.params["scale"] == "micro"
+    assert parent.data.params["pool.source"] == "demo" and len(parent.data.params) < 12
+    assert parent.data.tags["winnow.git_commit"].startswith(git(built, "rev-parse", "HEAD").stdout.strip())
+    assert parent.data.metrics["average"] == pytest.approx(summary["average"])
+    assert parent.data.metrics["subset_size"] == funnel["subset_size"]
+    assert parent.data.metrics["kept_fraction"] == pytest.approx(funnel["kept_fraction"])
+    assert parent.data.metrics["samples_seen"] == summary["model"]["samples_seen"]
+    assert {k for k in parent.data.metrics if k.startswith("group.")} == {f"group.{g}" for g in summary["groups"]}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert artifacts == {"report/index.html", "report/index.md"}
+    assert json.loads((built / "reports/metrics.json").read_text())["subset_size"] == funnel["subset_size"]
     assert by_stage["filter"].data.metrics["kept_fraction"] == pytest.approx(funnel["kept_fraction"])
     # one loss per optimizer step (samples seen / batch size of the micro scale), as the curve on disk has them
     scale = yaml.safe_load((built / "configs/scales.yaml").read_text())["micro"]
@@ -124,9 +123,10 @@ def test_mlflow_has_one_parent_with_a_child_per_stage(built):
     assert sorted((m.step, m.value) for m in history) == [(r["samples"], r["loss"]) for r in curve]
 
 
-def test_second_repro_runs_nothing(project):
+def test_second_repro_runs_only_the_report(project):
+    """The report reads MLflow, which DVC cannot hash: it always runs; nothing else does."""
     proc = dvc(project, "repro", check=True)
-    assert ran(proc) == []
+    assert ran(proc) == ["report"]
 
 
 def test_filter_change_reruns_only_downstream(project):
@@ -252,23 +252,29 @@ def _markdown_rows(text: str) -> list[dict]:
 
 
 def test_compare_lists_the_runs(experimented, built, tmp_path):
-    """Newest first: the experiment's evaluation (plain DVC: a stage run without a parent, so no
-    recipe or subset size beside it), then the built project's `winnow run`; each with its own
-    group means and average."""
+    """Newest first: the experiment's point (its own parent run, named after it), then the built
+    project's `winnow run`; each with its recipe, subset size, samples seen, group means and average.
+    Comparing creates no run."""
+    import mlflow
+
     project = copy_project(experimented[0], tmp_path / "project")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    exp_id = client.get_experiment_by_name("winnow-test").experiment_id
+    before = len(client.search_runs([exp_id]))
     proc = winnow(project, "compare")
+    assert len(client.search_runs([exp_id])) == before
     table = (project / "reports/compare/runs.md").read_text()
     assert all(line in proc.stdout for line in table.splitlines() if line.startswith("|"))
     rows = _markdown_rows(table)
-    assert [r["run"].split(" (")[0] for r in rows] == ["evaluate", "pipeline"], table
+    assert [r["run"].split(" (")[0] for r in rows] == ["seed1", "pipeline"], table
     summaries = [json.loads((p / "reports/eval/summary.json").read_text()) for p in (project, built)]
     for row, summary in zip(rows, summaries):
         assert row["average"] == f"{summary['average']:.3f}"
         assert {g: row[g] for g in summary["groups"]} == {g: f"{v:.3f}" for g, v in summary["groups"].items()}
     subset = json.loads((built / "reports/filter/funnel.json").read_text())["subset_size"]
     seen = yaml.safe_load((built / "configs/scales.yaml").read_text())["micro"]["samples_seen"]
-    assert [(r["recipe"], r["subset size"], r["samples seen"]) for r in rows] == [
-        ("?", "", ""), ("clip_score_top30", str(subset), str(seen))]
+    assert [(r["recipe"], r["experiment"], r["subset size"], r["samples seen"]) for r in rows] == [
+        ("clip_score_top30", "seed1", str(subset), str(seen)), ("clip_score_top30", "", str(subset), str(seen))]
 
 
 def test_served_deployment_runs_on_a_real_prefect_server(project, tmp_path):

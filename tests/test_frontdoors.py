@@ -1,0 +1,156 @@
+"""The three front doors together (issue #16): every `dvc exp run` point, bare `dvc repro`,
+`winnow run` and Prefect run is one MLflow parent run that MLflow's compare view and `winnow
+compare` can tell apart; the report is current and says where it came from; a clean clone
+reproduces the committed dvc.lock's pool. Real DVC, real MLflow store, in throwaway git repos."""
+import json
+import os
+import re
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT, copy_project, dvc, git, make_project, winnow
+
+pytestmark = pytest.mark.slow
+POINTS = [("pt-nofilter", "no_filter"), ("pt-basic", "basic")]   # no_filter first: basic's report shows Δ against it
+
+
+def _client(project):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    return client, client.get_experiment_by_name("winnow-test").experiment_id
+
+
+def _parents(project) -> dict:
+    client, exp = _client(project)
+    runs = client.search_runs([exp], filter_string="tags.`winnow.kind` = 'pipeline'")
+    return {r.info.run_name: r for r in runs}
+
+
+def _children(project, parent_id: str) -> dict:
+    client, exp = _client(project)
+    runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.data.tags["winnow.stage"]: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def swept(built, tmp_path_factory):
+    """The built project committed as a baseline, then two `dvc exp run` points with other recipes."""
+    proj = copy_project(built, tmp_path_factory.mktemp("frontdoors") / "project")
+    git(proj, "add", "-A")
+    git(proj, "commit", "-qm", "baseline")
+    for name, recipe in POINTS:
+        dvc(proj, "exp", "run", "-S", f"filter.recipe={recipe}", "-n", name, check=True)
+    return proj
+
+
+def test_each_experiment_point_is_one_parent_run(swept):
+    parents = _parents(swept)
+    client, _ = _client(swept)
+    exp_show = json.loads(dvc(swept, "exp", "show", "--json", check=True).stdout)
+    shown = {point["name"]: point for baseline in exp_show for exp in baseline.get("experiments") or []
+             for point in exp["revs"]}
+    for name, recipe in POINTS:
+        p = parents[name]
+        assert p.info.status == "FINISHED"
+        assert p.data.params["recipe"] == recipe and p.data.params["dvc.experiment"] == name
+        assert p.data.tags["winnow.dvc_experiment"] == name and p.data.tags["winnow.recipe"] == recipe
+        # the headline equals what DVC recorded for the same point
+        metrics = shown[name]["data"]["metrics"]["reports/metrics.json"]["data"]
+        for key in ("average", "subset_size", "samples_seen", "kept_fraction"):
+            assert p.data.metrics[key] == pytest.approx(metrics[key]), (name, key)
+        assert p.data.metrics["group.ImageNet"] == pytest.approx(metrics["group"]["ImageNet"])
+        assert {a.path for a in client.list_artifacts(p.info.run_id, "report")} == {"report/index.html",
+                                                                                  "report/index.md"}
+        kids = _children(swept, p.info.run_id)
+        assert sorted(kids) == sorted(yaml.safe_load((swept / "dvc.yaml").read_text())["stages"])
+        # pool and tasks did not change with the recipe: DVC skipped them, and they are still children,
+        # marked cached, with the metrics of the outputs on disk
+        for stage in ("pool", "tasks"):
+            assert kids[stage].data.tags.get("winnow.cached") == "true"
+            record = json.loads((swept / f"reports/stages/{stage}.json").read_text())
+            assert {k: kids[stage].data.metrics[k] for k in record} == pytest.approx(record)
+        for stage in ("filter", "train", "evaluate", "report"):
+            assert "winnow.cached" not in kids[stage].data.tags
+        artifacts = {a.path for s in ("filter", "train") for a in client.list_artifacts(kids[s].info.run_id)}
+        assert {"funnel.json", "decision_summary.json", "info.json"} <= artifacts, artifacts
+        # artifacts stay in this project, not in the one it was copied from
+        assert p.info.artifact_uri.startswith(f"{swept}/mlruns")
+
+
+def test_compare_lists_both_points_by_recipe_and_creates_no_run(swept, tmp_path):
+    project = copy_project(swept, tmp_path / "project")
+    client, exp = _client(project)
+    before = len(client.search_runs([exp]))
+    proc = winnow(project, "compare")
+    assert len(client.search_runs([exp])) == before
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| pt-")]
+    by_name = {r.split(" (")[0].strip("| "): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    assert {n: cells[1] for n, cells in by_name.items()} == {"pt-basic": "basic", "pt-nofilter": "no_filter"}
+    assert all(cells[3] == n for n, cells in by_name.items())          # the experiment column
+
+
+def test_a_repro_from_the_cache_is_a_parent_of_cached_stages_and_no_new_model(swept, tmp_path):
+    """`dvc repro` after the sweep changes nothing but the report: the new parent has every stage as a
+    child (cached ones marked), the same headline, and `winnow compare` still has one row per model."""
+    project = copy_project(swept, tmp_path / "project")
+    rows_before = winnow(project, "compare").stdout.count("\n| ")
+    dvc(project, "repro", check=True)
+    repro = _parents(project)["dvc-repro"]
+    kids = _children(project, repro.info.run_id)
+    assert sorted(s for s, r in kids.items() if r.data.tags.get("winnow.cached")) == sorted(set(kids) - {"report"})
+    assert repro.data.params["recipe"] == "basic"    # the last point's results are in the workspace
+    assert repro.data.metrics["average"] == pytest.approx(_parents(project)["pt-basic"].data.metrics["average"])
+    assert winnow(project, "compare").stdout.count("\n| ") == rows_before
+    assert repro.info.artifact_uri.startswith(f"{project}/mlruns")   # the copy's store writes into the copy
+
+
+def test_the_report_is_current_and_says_where_it_came_from(swept):
+    md = (swept / "reports/index.md").read_text()
+    parent = _parents(swept)["pt-basic"]
+    assert "## Run" in md and f"| MLflow run | {parent.info.run_id} |" in md
+    assert "| DVC experiment | pt-basic |" in md and "| scale | micro |" in md and "| pool source | demo: data/pool |" in md
+    assert "DataComp basic filtering" in md                                     # the recipe's description
+    nofilter = _parents(swept)["pt-nofilter"]
+    delta = parent.data.metrics["average"] - nofilter.data.metrics["average"]
+    assert f"| Δ average vs no_filter (pt-nofilter, {nofilter.info.run_id[:8]}) | {delta:+.3f} |" in md
+    earlier = md.split("## Earlier runs")[1]
+    assert "pt-nofilter" in earlier and "| pipeline (" in earlier                # read now, not restored
+    funnel = json.loads((swept / "reports/filter/funnel.json").read_text())
+    truth = md.split("## What each step removed")[1].split("##")[0]
+    order = [line.split("|")[1].strip() for line in truth.splitlines() if line.startswith("| ")][2:]
+    assert order == [s["step"] for s in funnel["steps"]] + ["recipe"]          # recipe order, then the whole
+    params = [line.split("|")[2] for line in md.split("## Funnel")[1].split("##")[0].splitlines()
+              if line.startswith("| ")][2:]
+    assert "min_side=200" in params[0] and not any(re.search(r"\d\.\d{4,}", p) for p in params), params
+
+
+def test_dvc_metrics_hold_only_the_headline(swept):
+    shown = json.loads(dvc(swept, "metrics", "show", "--json", check=True).stdout)
+    files = {f for rev in shown.values() for f in rev["data"]}
+    assert files == {"reports/metrics.json"}
+    diff = dvc(swept, "metrics", "diff", "HEAD", check=True)      # HEAD's metrics load (committed, cache: false)
+    assert "average" in diff.stdout
+
+
+def test_clean_clones_reproduce_the_committed_pool(tmp_path):
+    """Two fresh projects with the shipped params.yaml, with different BLAS thread counts, write a
+    data/pool whose DVC hash is the committed dvc.lock's."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    want = next(o["md5"] for o in lock["stages"]["pool"]["outs"] if o["path"] == "data/pool")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    got = []
+    for i, threads in enumerate(("1", "2")):
+        proj = make_project(tmp_path / f"clone{i}", params)
+        env = {k: threads for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            dvc(proj, "repro", "pool", check=True)
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        mine = yaml.safe_load((proj / "dvc.lock").read_text())
+        got.append(next(o["md5"] for o in mine["stages"]["pool"]["outs"] if o["path"] == "data/pool"))
+    assert got == [want, want]
