@@ -95,6 +95,14 @@ def test_recipe_columns_against_an_external_pool_schema(tmp_path):
     assert preflight.check(p) == []                                     # basic reads caption and sizes only
     p["filter"]["recipe"] = "clip_l14_top30"                             # reads the pool's own L/14 score
     one(preflight.check(p), "needs column 'clip_l14_similarity_score'", "pool columns: original_height")
+    p["filter"]["recipe"] = {"name": "x", "steps": [{"step": "clip_score", "embeddings": ["l14_img", "l14_txt"],
+                                                     "threshold": 0.1}]}
+    assert len(preflight.check(p)) == 2 and "needs embedding 'l14_img'" in preflight.check(p)[0]   # no npz
+    import numpy as np
+
+    np.savez(pool / "00000000.npz", l14_img=np.zeros((1, 4), np.float16), l14_txt=np.zeros((1, 4), np.float16))
+    assert preflight.check(p) == []
+    p["filter"]["recipe"] = "clip_l14_top30"
     # DataComp's download layout: metadata/<hex>.parquet (+ the derived `downloaded` column)
     dl = tmp_path / "dl"
     _external_pool(dl / "metadata", ("uid", "text", "clip_l14_similarity_score"))

@@ -68,12 +68,15 @@ def _demo_schema() -> tuple[set[str], set[str]]:
 
 
 def _npz_keys(p) -> set[str] | None:
-    """The arrays of a local .npz (its zip directory only); None when unknown (remote, absent)."""
+    """The arrays of a shard's .npz (a local one's zip directory only; none when there is no npz);
+    None when unknown: a remote npz is not downloaded for this, the plan stage reads it."""
     import zipfile
 
     from winnow import io as wio
 
-    if wio.is_remote(p) or not wio.local(p).exists():
+    if not wio.exists(p):
+        return set()
+    if wio.is_remote(p):
         return None
     try:
         with zipfile.ZipFile(wio.local(p)) as z:
