@@ -87,10 +87,10 @@ def run_stage(stage: str) -> str:
         line = line.rstrip()
         if not line:
             continue
-        tail = (tail + [line])[-40:]
-        skipped |= "didn't change, skipping" in line
         if line.lstrip().startswith(_HINTS):
             continue
+        tail = (tail + [line])[-40:]
+        skipped |= "didn't change, skipping" in line
         bar = _BAR.match(line)
         if bar:
             pct, desc = int(bar["pct"]), bar["desc"]
