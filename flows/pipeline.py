@@ -2,6 +2,12 @@
 caching and locking stay DVC's while Prefect adds retries, logs, artifacts and scheduling.
 
     python -m flows.pipeline            # a temporary local Prefect server is started if none is set
+
+A run holds the workspace (``.winnow/flow.lock``: a second run on the same workspace fails at once),
+preflights its ``recipe``/``scale`` parameters (winnow.preflight) before writing them to
+params.yaml, and puts params.yaml back byte for byte if anything fails after that, so a bad
+parameter never leaves a params.yaml every later scheduled run would fail on. A failed stage is a
+``StageFailed`` with the stage's own exit code; a config error (exit 2) is not retried.
 """
 from __future__ import annotations
 
@@ -28,7 +34,46 @@ def _env() -> dict:
 _BAR = re.compile(r"^(?P<desc>.*?):\s+(?P<pct>\d+)%\|")
 
 
-@task(retries=1, retry_delay_seconds=2, task_run_name="{stage}")
+CONFIG_EXIT = 2   # winnow.config.ParamsError.exit_code: a config error, which no retry fixes
+_EXITED = re.compile(r"exited with (-?\d+)")
+# DVC's hints after every stage it runs (`git add dvc.lock` …): noise in a flow's log
+_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
+          "Use `dvc push` to send your updates")
+
+
+class StageFailed(RuntimeError):
+    """A stage failed under DVC; ``exit_code`` is the stage's own (DVC itself exits 255 on any
+    failure and prints "... exited with N")."""
+
+    def __init__(self, stage: str, exit_code: int, tail: list[str] | tuple = ()):
+        self.stage, self.exit_code, self.tail = stage, exit_code, list(tail)
+        kind = " (a config error: not retried)" if exit_code == CONFIG_EXIT else ""
+        super().__init__(f"stage {stage} failed (exit {exit_code}){kind}:\n" + "\n".join(self.tail))
+
+    def __reduce__(self):   # Prefect pickles a failed task's exception
+        return type(self), (self.stage, self.exit_code, self.tail)
+
+
+def stage_exit_code(lines: list[str], dvc_code: int) -> int:
+    """The failed stage's exit code from DVC's output, else DVC's own."""
+    for line in reversed(lines):
+        if m := _EXITED.search(line):
+            return int(m.group(1))
+    return dvc_code
+
+
+def _retry_unless_config_error(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry a failed stage unless it failed on its config (exit 2)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:   # the result cannot be read back: judge by the state's message
+        exc = None
+    if isinstance(exc, BaseException):
+        return not (isinstance(exc, StageFailed) and exc.exit_code == CONFIG_EXIT)
+    return f"(exit {CONFIG_EXIT})" not in (state.message or "")
+
+
+@task(retries=1, retry_delay_seconds=2, task_run_name="{stage}", retry_condition_fn=_retry_unless_config_error)
 def run_stage(stage: str) -> str:
     """Run one stage through DVC (skipped by DVC when its inputs are unchanged), streaming its
     output to the Prefect log: progress bars every quarter, training lines at each epoch's end."""
@@ -42,6 +87,8 @@ def run_stage(stage: str) -> str:
         line = line.rstrip()
         if not line:
             continue
+        if line.lstrip().startswith(_HINTS):
+            continue
         tail = (tail + [line])[-40:]
         skipped |= "didn't change, skipping" in line
         bar = _BAR.match(line)
@@ -53,7 +100,7 @@ def run_stage(stage: str) -> str:
         elif "Train Epoch" not in line or "(100%)" in line:
             log.info(line)
     if proc.wait() != 0:
-        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        raise StageFailed(stage, stage_exit_code(tail, proc.returncode), tail)
     return "skipped" if skipped else "ran"
 
 
@@ -76,27 +123,35 @@ def _publish_artifacts() -> None:
         create_markdown_artifact(key="runs", markdown=runs.read_text(), description="runs compared (MLflow)")
 
 
-@flow(name="winnow-pipeline", log_prints=True)
-def pipeline(recipe: str | None = None, scale: str | None = None, dvc_yaml: str = "dvc.yaml") -> dict:
-    """Run every stage of dvc.yaml in dependency order under one MLflow parent run.
-
-    ``recipe`` / ``scale`` set ``filter.recipe`` / ``train.scale`` in params.yaml first (as
-    ``dvc exp run -S`` does), so DVC re-runs exactly what they affect."""
+def _run_stages(params, dvc_yaml: str) -> dict:
+    """Every stage in dependency order under one MLflow parent run, then the artifacts."""
     from winnow import track
-    from winnow.config import load_params, set_params
-    from winnow.filters.engine import params_recipe
 
-    updates = {k: v for k, v in {"filter.recipe": recipe, "train.scale": scale}.items() if v}
-    if updates:
-        set_params("params.yaml", updates)
-    params = load_params()   # a params typo fails here, before any stage
-    params_recipe(params.filter)
     order = topological(load_dag(dvc_yaml))
     results = {}
     with track.pipeline_run(params, name="prefect-pipeline"):
         for stage in order:
             results[stage] = run_stage(stage)
     _publish_artifacts()
+    return results
+
+
+@flow(name="winnow-pipeline", log_prints=True)
+def pipeline(recipe: str | None = None, scale: str | None = None, dvc_yaml: str = "dvc.yaml") -> dict:
+    """Run every stage of dvc.yaml in dependency order under one MLflow parent run.
+
+    ``recipe`` / ``scale`` set ``filter.recipe`` / ``train.scale`` in params.yaml first (as
+    ``dvc exp run -S`` does), so DVC re-runs exactly what they affect: checked first (nothing is
+    written when they cannot run), and params.yaml is put back if the run then fails."""
+    from winnow import preflight
+    from winnow.config import set_params
+
+    updates = {k: v for k, v in {"filter.recipe": recipe, "train.scale": scale}.items() if v}
+    with preflight.workspace_lock(), preflight.restore_on_failure("params.yaml"):
+        params = preflight.run("params.yaml", updates)   # a bad value fails here, before params.yaml is written
+        if updates:
+            set_params("params.yaml", updates)
+        results = _run_stages(params, dvc_yaml)
     print(f"report: {Path('reports/index.html').resolve()}")
     return results
 

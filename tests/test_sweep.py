@@ -23,3 +23,21 @@ def test_table_statistics_and_verdict():
     assert stats["overlap"]["beats_baseline_beyond_std"] is True          # Δ 0.018 > std 0.0126
     assert "beats_baseline_beyond_spread" not in stats["no_filter"]
     assert "| good | 1000 | 16000 | 3 | 0.150 ± 0.010 (0.140–0.160) |" in text
+
+
+def test_every_point_is_preflighted_before_any_runs(tmp_path, monkeypatch):
+    """A misspelt recipe fails the sweep at once, naming it, with nothing run and params.yaml as it was."""
+    from tests.helpers import MICRO_PARAMS, write_params
+    from winnow import sweep as S
+    from winnow.config import ParamsError
+
+    write_params(tmp_path, MICRO_PARAMS)
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "params.yaml").read_bytes()
+    ran = []
+    monkeypatch.setattr(S, "run_one", lambda *a: ran.append(a))
+    with pytest.raises(ParamsError, match="recipe basik") as e:
+        S.sweep(["basic", "basik"], [0, 1], "micro")
+    assert "filter.recipe 'basik'" in str(e.value) and "recipe basic" not in str(e.value)
+    assert ran == [] and (tmp_path / "params.yaml").read_bytes() == before
+    assert S.main(["no_filter"], [0], "huge") == 2                    # the CLI: the message and exit 2

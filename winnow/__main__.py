@@ -17,17 +17,15 @@ from winnow.io import read_json
 
 
 def _check() -> int:
-    from winnow.config import ParamsError, load_params
-    from winnow.filters.engine import params_recipe
-    from winnow.tasks import load_suite
+    """The preflight (winnow.preflight): every check that can run before DVC removes an output."""
+    from winnow import preflight
+    from winnow.errors import WinnowError
 
     try:
-        p = load_params()
-        params_recipe(p.filter)
-        load_suite(p.eval.suite)
-    except (ParamsError, ValueError) as exc:
-        print(f"params.yaml: {exc}", file=sys.stderr)
-        return 2
+        preflight.run("params.yaml")
+    except WinnowError as exc:
+        print(str(exc), file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
     print("params.yaml OK")
     return 0
 

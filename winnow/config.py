@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from winnow.errors import WinnowError
 
@@ -19,7 +19,9 @@ CONFIGS = ROOT / "configs"
 
 
 class ParamsError(WinnowError, ValueError):
-    """params.yaml (or a recipe) does not validate; the message names every bad key."""
+    """params.yaml (or a recipe) does not validate; the message names every bad key. A stage and
+    ``winnow check`` exit with ``exit_code`` (2: a config error, which no retry fixes)."""
+    exit_code = 2
 
 
 class Section(BaseModel):
@@ -34,6 +36,13 @@ class Noise(Section):
     bad_size: float = Field(0.07, ge=0, le=1)
     exact_duplicate: float = Field(0.03, ge=0, le=1)
     near_duplicate: float = Field(0.03, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _leaves_clean(self):
+        total = sum(self.model_dump().values())
+        if total >= 1:
+            raise ValueError(f"the noise fractions sum to {total:g}: they must sum below 1 (the rest of the pool is clean)")
+        return self
 
 
 class PoolParams(Section):
@@ -143,25 +152,45 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
     return f" ({hint}valid keys: {', '.join(valid)})"
 
 
+def problems(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per error of a validation, unknown keys with the nearest valid key."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{where}'{_suggest(model, loc)}")
+        else:
+            lines.append(f"'{where}': {err['msg']} (got {err.get('input')!r})")
+    return lines
+
+
 def validate_model(model: type[BaseModel], data: dict, source: str):
     """Validate ``data`` against ``model``; raise ParamsError listing every problem with hints."""
     try:
         return model.model_validate(data or {})
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            where = ".".join(str(p) for p in loc)
-            if err["type"] == "extra_forbidden":
-                lines.append(f"unknown key '{where}'{_suggest(model, loc)}")
-            else:
-                lines.append(f"'{where}': {err['msg']} (got {err.get('input')!r})")
-        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(problems(exc, model))) from None
+
+
+def yaml_problem(exc: Exception, path: str | Path) -> str:
+    """A YAML syntax error as one line, ``path:LINE:COL: problem`` (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+    what = problem or context or str(exc).splitlines()[0]
+    if problem and context:
+        what += f" ({context})"
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return f"{where}: {what}"
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file (safe loader); a syntax error is a ParamsError ``path:LINE:COL: problem``."""
     with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh) or {}
+        try:
+            return yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(yaml_problem(exc, path)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -188,6 +217,7 @@ def set_params(path: str | Path, updates: dict[str, object]) -> None:
     rt.width = 4096   # never fold a long value onto a second line
     # params.yaml spells None `null`; ruamel's default would leave the value empty
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    load_yaml(path)   # a syntax error: one line with its place, before ruamel's traceback could
     data = rt.load(Path(path).read_text(encoding="utf-8"))
     for dotted, value in updates.items():
         node = data

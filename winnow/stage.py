@@ -54,5 +54,5 @@ def main(stage: str, body: Callable[[Params], dict]) -> None:
             write_json(f"reports/timings/{stage}.json", {"stage": stage, "wall_s": metrics["wall_s"]})
     except WinnowError as exc:
         print(f"\nwinnow {stage}: FAILED — {type(exc).__name__}\n{track.scrub(str(exc))}\n", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))   # 2: a config error (ParamsError), which no retry fixes
     print(f"winnow {stage}: done in {time.time() - t0:.1f}s", file=sys.stderr)

@@ -7,7 +7,10 @@ in ``winnow compare``. Each result is kept in ``reports/compare/demo/<recipe>-s<
 interrupted sweep resumes with the runs it lacks. ``reports/compare/demo.md`` gives, per recipe,
 the mean, standard deviation and range over seeds of the average and of each group, and whether
 the recipe beats ``no_filter`` by more than the seed spread (its worst seed above no_filter's best).
-At the end params.yaml and dvc.lock are put back and the workspace outputs checked out again.
+Every point is preflighted (winnow.preflight) before any runs, so a misspelt recipe fails the
+sweep at once instead of after hours of other points. At the end, or on any failure, params.yaml
+and dvc.lock are put back (atomically) and the workspace outputs checked out again. The sweep holds
+the workspace lock (``.winnow/flow.lock``) that a Prefect flow run takes too.
 """
 from __future__ import annotations
 
@@ -51,7 +54,47 @@ def run_one(recipe: str, seed: int, scale: str) -> dict:
             "kept_unique": funnel["kept_unique"]}
 
 
+def points(recipes: list[str], seeds: list[int], scale: str) -> list[dict]:
+    """The params each (recipe, seed) sets, as run_one sets them."""
+    return [{"filter.recipe": r, "train.seed": s, "train.scale": scale} for r in recipes for s in seeds]
+
+
+def preflight_all(recipes: list[str], seeds: list[int], scale: str, path: str = "params.yaml") -> None:
+    """Every point checked before any runs; one ParamsError naming each point that cannot."""
+    from winnow import preflight
+    from winnow.config import ParamsError
+
+    bad, seen = [], set()
+    for updates in points(recipes, seeds, scale):
+        key = (updates["filter.recipe"], updates["train.scale"])   # the seed changes no check's verdict
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            preflight.run(path, updates)
+        except ParamsError as exc:
+            lines = [line.strip() for line in str(exc).splitlines()[1:]]
+            bad.append(f"recipe {updates['filter.recipe']}, scale {scale}:" + "".join(f"\n    {x}" for x in lines))
+    if bad:
+        raise ParamsError("sweep: nothing run, these points cannot run:\n  " + "\n  ".join(bad))
+
+
+def _put_back(saved: dict[str, bytes]) -> None:
+    for p, b in saved.items():
+        if not Path(p).exists() or Path(p).read_bytes() != b:
+            with atomic_file(p) as tmp:
+                Path(tmp).write_bytes(b)
+
+
 def sweep(recipes: list[str], seeds: list[int], scale: str) -> list[dict]:
+    from winnow import preflight
+
+    with preflight.workspace_lock():
+        preflight_all(recipes, seeds, scale)
+        return _sweep(recipes, seeds, scale)
+
+
+def _sweep(recipes: list[str], seeds: list[int], scale: str) -> list[dict]:
     saved = {p: Path(p).read_bytes() for p in ("params.yaml", "dvc.lock") if Path(p).exists()}
     rows = []
     try:
@@ -66,8 +109,7 @@ def sweep(recipes: list[str], seeds: list[int], scale: str) -> list[dict]:
                 write_json(path, row)
                 rows.append(row)
     finally:
-        for p, b in saved.items():
-            Path(p).write_bytes(b)
+        _put_back(saved)
         subprocess.run(["dvc", "checkout", "--force", "--quiet"], env=_env())
     return rows
 
@@ -131,7 +173,13 @@ def write_table(rows: list[dict]) -> str:
 
 
 def main(recipes: list[str], seeds: list[int], scale: str) -> int:
-    rows = sweep(recipes, seeds, scale)
+    from winnow.errors import WinnowError
+
+    try:
+        rows = sweep(recipes, seeds, scale)
+    except WinnowError as exc:
+        print(str(exc), file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
     print(write_table(rows))
     print(f"wrote {TABLE.resolve()}")
     return 0
