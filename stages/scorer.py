@@ -29,6 +29,8 @@ def body(p: Params) -> dict:
                                              "skipped": "the recipe needs no scorer (data/plan/scorer.json)"})
             write_json(tmp / "quality.json", {})
             gate.finish()
+            for f in ("scorer.json", "quality.json"):
+                track.log_artifact(str(tmp / f))
             return {"needed": 0}
         if s.pretrained is None:
             t = s.train
@@ -58,6 +60,8 @@ def body(p: Params) -> dict:
         write_json(tmp / "quality.json", quality)
         write_json(tmp / "scorer.json", {"model": s.model, "weights": weights, "name": name})
         gate.finish()
+        for f in ("scorer.json", "quality.json", "curve.json"):
+            track.log_artifact(str(tmp / f))
     return {"needed": 1, **metrics, **{k: v for k, v in quality.items() if v is not None}}
 
 

@@ -40,6 +40,8 @@ def body(p: Params) -> dict:
                 "subset_size": meta["output_count"], "checkpoint": f"{OUT}/checkpoint.pt", "steps": r["steps"],
                 "resumed_from_epochs": r["resumed_from_epochs"]}
         write_json(tmp / "info.json", info)
+        for name in ("info.json", "curve.json"):
+            track.log_artifact(str(tmp / name))
     return {"final_loss": r["curve"][-1]["loss"], "steps": r["steps"], "samples_seen": scale["samples_seen"],
             "samples_per_s": sum(x["samples_per_s"] for x in r["curve"][-10:]) / min(10, len(r["curve"]))}
 

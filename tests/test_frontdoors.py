@@ -73,8 +73,9 @@ def test_each_experiment_point_is_one_parent_run(swept):
             assert {k: kids[stage].data.metrics[k] for k in record} == pytest.approx(record)
         for stage in ("filter", "train", "evaluate", "report"):
             assert "winnow.cached" not in kids[stage].data.tags
-        artifacts = {a.path for s in ("filter", "train") for a in client.list_artifacts(kids[s].info.run_id)}
-        assert {"funnel.json", "decision_summary.json", "info.json"} <= artifacts, artifacts
+        artifacts = {a.path for s, under in (("filter", None), ("filter", "filter"), ("train", None), ("scorer", None))
+                     for a in client.list_artifacts(kids[s].info.run_id, under)}
+        assert {"funnel.json", "filter/decision_summary.json", "info.json", "quality.json"} <= artifacts, artifacts
         # artifacts stay in this project, not in the one it was copied from
         assert p.info.artifact_uri.startswith(f"{swept}/mlruns")
 

@@ -238,20 +238,6 @@ def run(path: str | Path = "params.yaml", updates: dict | None = None) -> Params
     return Params.model_validate(data)
 
 
-def main(stage: str = "check") -> None:
-    """The ``check`` stage: the preflight over params.yaml; writes ``{"ok": true}`` (the same bytes
-    every time, so what depends on it re-runs only when the verdict changes) or exits 2."""
-    from winnow.io import write_json
-
-    try:
-        run("params.yaml")
-    except WinnowError as exc:
-        print(f"\nwinnow {stage}: FAILED — {type(exc).__name__}\n{exc}\n", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 1))
-    write_json(VERDICT, {"ok": True})
-    print(f"winnow {stage}: params.yaml, the recipe, scale and suite can run", file=sys.stderr)
-
-
 # --- what runs the pipeline with new params: one run per workspace, params.yaml put back on failure
 
 LOCK = ".winnow/flow.lock"

@@ -2,7 +2,7 @@
 filtering pays (``python -m winnow sweep``).
 
 Each (recipe, seed) is one ``dvc exp run -n <recipe>-s<seed>`` (DVC re-runs only filter onward;
-pool, tasks, scorer and embed come from the cache) under an MLflow parent run, so the runs are also
+pool, tasks, scorer and embed come from the cache), its own MLflow parent run, so the runs are also
 in ``winnow compare``. Each result is kept in ``reports/compare/demo/<recipe>-s<seed>.json``, so an
 interrupted sweep resumes with the runs it lacks. ``reports/compare/demo.md`` gives, per recipe,
 the mean, standard deviation and range over seeds of the average and of each group, and whether
@@ -34,17 +34,16 @@ def _env() -> dict:
 
 
 def run_one(recipe: str, seed: int, scale: str) -> dict:
-    """One DVC experiment; returns what the table needs."""
-    from winnow import track
-    from winnow.config import load_params, set_params
+    """One DVC experiment (its own MLflow parent run, named after it: winnow.track); returns what
+    the table needs."""
+    from winnow.config import set_params
 
     set_params("params.yaml", {"filter.recipe": recipe, "train.seed": seed, "train.scale": scale})
     name = f"{recipe}-s{seed}"
     # an experiment of the same name from an earlier sweep is replaced (`exp run --force` would also
     # force every stage to re-run, which is not what a sweep wants)
     subprocess.run(["dvc", "exp", "remove", name], env=_env(), capture_output=True)
-    with track.pipeline_run(load_params(), name=f"sweep {name}"):
-        proc = subprocess.run(["dvc", "exp", "run", "-n", name], env=_env())
+    proc = subprocess.run(["dvc", "exp", "run", "-n", name], env=_env())
     if proc.returncode != 0:
         raise RuntimeError(f"dvc exp run for {name} failed (exit {proc.returncode})")
     summary, funnel = read_json("reports/eval/summary.json"), read_json("reports/filter/funnel.json")
