@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from winnow.dvcfile import dag as load_dag
+from winnow.dvcfile import stage_exit_code
 from winnow.dvcfile import order as topological
 
 
@@ -35,7 +36,6 @@ _BAR = re.compile(r"^(?P<desc>.*?):\s+(?P<pct>\d+)%\|")
 
 
 CONFIG_EXIT = 2   # winnow.config.ParamsError.exit_code: a config error, which no retry fixes
-_EXITED = re.compile(r"exited with (-?\d+)")
 # DVC's hints after every stage it runs (`git add dvc.lock` …): noise in a flow's log
 _HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
           "Use `dvc push` to send your updates")
@@ -52,14 +52,6 @@ class StageFailed(RuntimeError):
 
     def __reduce__(self):   # Prefect pickles a failed task's exception
         return type(self), (self.stage, self.exit_code, self.tail)
-
-
-def stage_exit_code(lines: list[str], dvc_code: int) -> int:
-    """The failed stage's exit code from DVC's output, else DVC's own."""
-    for line in reversed(lines):
-        if m := _EXITED.search(line):
-            return int(m.group(1))
-    return dvc_code
 
 
 def _retry_unless_config_error(task, task_run, state) -> bool:

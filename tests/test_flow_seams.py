@@ -129,7 +129,7 @@ def test_the_workspace_lock_refuses_a_second_run(in_project):
 
 
 def test_stage_exit_code_is_the_stages_not_dvcs():
-    from flows.pipeline import stage_exit_code
+    from winnow.dvcfile import stage_exit_code
 
     lines = ["winnow check: FAILED — ParamsError",
              "ERROR: failed to reproduce 'check': failed to run: python -m stages.check, exited with 2"]

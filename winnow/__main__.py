@@ -31,20 +31,25 @@ def _check() -> int:
 
 
 def _run(extra: list[str]) -> int:
-    from winnow import track
-    from winnow.config import load_params
+    """``dvc repro`` under one MLflow parent run, holding the workspace (no Prefect run or sweep
+    shares it); exits with the failed stage's own status (2: a config error)."""
+    from winnow import preflight, track
+    from winnow.dvcfile import stage_exit_code
 
     if (rc := _check()) != 0:   # a typo fails before any work
         return rc
-    params = load_params()
+    params = preflight.run("params.yaml")
     t0 = time.time()
     try:
-        with track.pipeline_run(params) as run:
+        with preflight.workspace_lock(), track.pipeline_run(params) as run:
             env = dict(os.environ)   # with the parent run's id
             env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
             rc, tail = _tee_stderr(["dvc", "repro", *extra], env)
             if rc != 0:
-                raise _Failed(_stage_exit(tail, rc))
+                raise _Failed(stage_exit_code(tail.splitlines(), rc))
+    except preflight.WorkspaceBusy as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     except _Failed as failed:
         print(f"\npipeline FAILED (exit {failed.code}); MLflow parent run {run.info.run_id}", file=sys.stderr)
         return failed.code
@@ -68,15 +73,6 @@ def _tee_stderr(cmd: list[str], env: dict) -> tuple[int, str]:
 class _Failed(Exception):
     def __init__(self, code: int):
         self.code = code
-
-
-def _stage_exit(stderr: str, dvc_rc: int) -> int:
-    """The failed stage's own exit status: dvc exits 255 on any failure and names the stage's code
-    in "failed to reproduce '<stage>': ... exited with N"."""
-    import re
-
-    found = re.findall(r"exited with (-?\d+)", stderr)
-    return int(found[-1]) if found else dvc_rc
 
 
 def _compare(limit: int) -> int:

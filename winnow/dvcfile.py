@@ -5,6 +5,7 @@ dvc.yaml is the single declaration of each stage; stage.main, publish, the Prefe
 """
 from __future__ import annotations
 
+import re
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
@@ -95,3 +96,15 @@ def order(graph: dict[str, list[str]]) -> list[str]:
         result.append(n)
         ts.done(n)
     return result
+
+
+_EXITED = re.compile(r"exited with (-?\d+)")
+
+
+def stage_exit_code(lines: list[str], dvc_code: int) -> int:
+    """The failed stage's own exit code from DVC's output ("failed to reproduce '<stage>': ...
+    exited with N"), else DVC's (which is 255 for any failure)."""
+    for line in reversed(lines):
+        if m := _EXITED.search(line):
+            return int(m.group(1))
+    return dvc_code
