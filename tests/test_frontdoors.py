@@ -155,3 +155,50 @@ def test_clean_clones_reproduce_the_committed_pool(tmp_path):
         mine = yaml.safe_load((proj / "dvc.lock").read_text())
         got.append(next(o["md5"] for o in mine["stages"]["pool"]["outs"] if o["path"] == "data/pool"))
     assert got == [want, want]
+
+
+def _tree(project, paths=("data/pool", "data/filter", "models/clip", "reports/eval")) -> dict:
+    import hashlib
+
+    return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for p in paths for f in sorted((project / p).rglob("*")) if f.is_file()}
+
+
+BAD = [({"train": {"scale": "huge"}}, "huge"),
+       ({"filter": {"recipe": "basik"}}, "basik"),
+       ({"pool": {"source": "datacomp", "uri": "does/not/exist"}}, "does/not/exist")]
+
+
+@pytest.mark.parametrize("change,named", BAD, ids=["scale", "recipe", "pool.uri"])
+def test_a_bad_value_destroys_nothing(project, change, named, monkeypatch):
+    """Through every door: `winnow run` and `dvc repro` (params.yaml as the user wrote it), a
+    `dvc exp run -S` point, and a Prefect run (params.yaml put back byte for byte)."""
+    from tests.helpers import env_for_subprocess, read_params, write_params
+
+    before = _tree(project)
+    good = (project / "params.yaml").read_bytes()
+    params = read_params(project)
+    for section, values in change.items():
+        params[section].update(values)
+    write_params(project, params)
+    edited = (project / "params.yaml").read_bytes()
+    proc = winnow(project, "run", check=False)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]
+    proc = dvc(project, "repro")
+    assert proc.returncode != 0 and "failed to reproduce 'check'" in proc.stderr and named in proc.stdout + proc.stderr
+    assert (project / "params.yaml").read_bytes() == edited and _tree(project) == before
+    (project / "params.yaml").write_bytes(good)
+    sets = [f"{k}.{f}={v}" for k, vs in change.items() for f, v in vs.items()]
+    proc = dvc(project, "exp", "run", *[x for s in sets for x in ("-S", s)])
+    assert proc.returncode != 0 and "failed to reproduce 'check'" in proc.stderr
+    assert _tree(project) == before                 # (DVC itself leaves the -S values in params.yaml)
+    (project / "params.yaml").write_bytes(good)
+    if "filter" in change or "train" in change:     # the flow's parameters: recipe, scale
+        from flows.pipeline import pipeline
+
+        monkeypatch.chdir(project)
+        monkeypatch.setenv("PATH", env_for_subprocess()["PATH"])
+        kwargs = {"recipe": change["filter"]["recipe"]} if "filter" in change else {"scale": change["train"]["scale"]}
+        state = pipeline(**kwargs, return_state=True)
+        assert state.is_failed()
+        assert (project / "params.yaml").read_bytes() == good and _tree(project) == before
