@@ -135,11 +135,21 @@ def _setup(params) -> str:
     """Point MLflow at the project's store and experiment; returns the experiment id."""
     import mlflow
 
+    _quiet()
     uri = tracking_uri(params.tracking.uri)
     mlflow.set_tracking_uri(uri)
     if db := _local_sqlite(uri):
         relocate_artifacts(db)
     return mlflow.set_experiment(params.tracking.experiment).experiment_id
+
+
+def _quiet() -> None:
+    """MLflow announces creating a store's tables and an experiment at INFO: expected on a first
+    run, noise in every stage's output."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _local_sqlite(uri: str) -> Path | None:
