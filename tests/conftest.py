@@ -20,7 +20,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests.fixtures.datacomp_pool import datacomp_pool  # noqa: E402,F401  (session fixture, for every module)
-from tests.helpers import MICRO_PARAMS, copy_project, make_project, winnow  # noqa: E402
+from tests.helpers import MICRO_PARAMS, POINTS, copy_project, dvc, git, make_project, winnow  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +73,20 @@ def built(tmp_path_factory):
 def project(built, tmp_path):
     """This test's own copy of the built project."""
     return copy_project(built, tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def swept(built, tmp_path_factory):
+    """A copy of the built project committed as the baseline, then two `dvc exp run` points with
+    other recipes (POINTS, in order). Returns the project and each point's `dvc exp run` process."""
+    proj = copy_project(built, tmp_path_factory.mktemp("swept") / "project")
+    git(proj, "add", "-A")
+    git(proj, "commit", "-qm", "baseline")
+    procs = {name: dvc(proj, "exp", "run", "-S", f"filter.recipe={recipe}", "-n", name, check=True)
+             for name, recipe in POINTS}
+    return proj, procs
+
+
+@pytest.fixture(scope="session")
+def swept_project(swept):
+    return swept[0]

@@ -36,6 +36,9 @@ MICRO_PARAMS = {
     "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "winnow-test"},
 }
 
+# the `swept` fixture's `dvc exp run` points (name, recipe); no_filter first: basic's report shows Δ against it
+POINTS = [("pt-nofilter", "no_filter"), ("pt-basic", "basic")]
+
 
 def env_for_subprocess() -> dict:
     env = dict(os.environ)

@@ -50,7 +50,7 @@ def test_pipeline_reads_its_pool_from_s3_and_publishes_every_output(s3_server, d
 
     # the canary secret is nowhere: not in the output, logs, params dumps, MLflow's store or reports
     assert SECRET_KEY not in proc.stdout + proc.stderr
-    written = [proj / x for x in ("data", "models", "reports", "mlartifacts", ".winnow", ".dvc")]
+    written = [proj / x for x in ("data", "models", "reports", "mlruns", "mlartifacts", ".winnow", ".dvc")]
     files = [p for d in written for p in d.rglob("*") if p.is_file()] + [proj / "mlflow.db", proj / "dvc.lock"]
     assert len(files) > 50
     for p in files:

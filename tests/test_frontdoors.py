@@ -9,10 +9,9 @@ import re
 import pytest
 import yaml
 
-from tests.helpers import ROOT, copy_project, dvc, git, make_project, winnow
+from tests.helpers import POINTS, ROOT, copy_project, dvc, make_project, winnow
 
 pytestmark = pytest.mark.slow
-POINTS = [("pt-nofilter", "no_filter"), ("pt-basic", "basic")]   # no_filter first: basic's report shows Δ against it
 
 
 def _client(project):
@@ -34,21 +33,10 @@ def _children(project, parent_id: str) -> dict:
     return {r.data.tags["winnow.stage"]: r for r in runs}
 
 
-@pytest.fixture(scope="module")
-def swept(built, tmp_path_factory):
-    """The built project committed as a baseline, then two `dvc exp run` points with other recipes."""
-    proj = copy_project(built, tmp_path_factory.mktemp("frontdoors") / "project")
-    git(proj, "add", "-A")
-    git(proj, "commit", "-qm", "baseline")
-    for name, recipe in POINTS:
-        dvc(proj, "exp", "run", "-S", f"filter.recipe={recipe}", "-n", name, check=True)
-    return proj
-
-
-def test_each_experiment_point_is_one_parent_run(swept):
-    parents = _parents(swept)
-    client, _ = _client(swept)
-    exp_show = json.loads(dvc(swept, "exp", "show", "--json", check=True).stdout)
+def test_each_experiment_point_is_one_parent_run(swept_project):
+    parents = _parents(swept_project)
+    client, _ = _client(swept_project)
+    exp_show = json.loads(dvc(swept_project, "exp", "show", "--json", check=True).stdout)
     shown = {point["name"]: point for baseline in exp_show for exp in baseline.get("experiments") or []
              for point in exp["revs"]}
     for name, recipe in POINTS:
@@ -63,25 +51,27 @@ def test_each_experiment_point_is_one_parent_run(swept):
         assert p.data.metrics["group.ImageNet"] == pytest.approx(metrics["group"]["ImageNet"])
         assert {a.path for a in client.list_artifacts(p.info.run_id, "report")} == {"report/index.html",
                                                                                   "report/index.md"}
-        kids = _children(swept, p.info.run_id)
-        assert sorted(kids) == sorted(yaml.safe_load((swept / "dvc.yaml").read_text())["stages"])
+        kids = _children(swept_project, p.info.run_id)
+        assert sorted(kids) == sorted(yaml.safe_load((swept_project / "dvc.yaml").read_text())["stages"])
         # pool and tasks did not change with the recipe: DVC skipped them, and they are still children,
         # marked cached, with the metrics of the outputs on disk
         for stage in ("pool", "tasks"):
             assert kids[stage].data.tags.get("winnow.cached") == "true"
-            record = json.loads((swept / f"reports/stages/{stage}.json").read_text())
+            record = json.loads((swept_project / f"reports/stages/{stage}.json").read_text())
             assert {k: kids[stage].data.metrics[k] for k in record} == pytest.approx(record)
         for stage in ("filter", "train", "evaluate", "report"):
             assert "winnow.cached" not in kids[stage].data.tags
-        artifacts = {a.path for s, under in (("filter", None), ("filter", "filter"), ("train", None), ("scorer", None))
+        artifacts = {a.path for s, under in (("filter", None), ("filter", "filter"), ("train", None))
                      for a in client.list_artifacts(kids[s].info.run_id, under)}
-        assert {"funnel.json", "filter/decision_summary.json", "info.json", "quality.json"} <= artifacts, artifacts
+        assert {"funnel.json", "filter/decision_summary.json", "info.json", "curve.json"} <= artifacts, artifacts
+        if "winnow.cached" not in kids["scorer"].data.tags:   # no_filter needs no scorer: the plan changed, it ran
+            assert {a.path for a in client.list_artifacts(kids["scorer"].info.run_id)} == {"scorer.json", "quality.json"}
         # artifacts stay in this project, not in the one it was copied from
-        assert p.info.artifact_uri.startswith(f"{swept}/mlruns")
+        assert p.info.artifact_uri.startswith(f"{swept_project}/mlruns")
 
 
-def test_compare_lists_both_points_by_recipe_and_creates_no_run(swept, tmp_path):
-    project = copy_project(swept, tmp_path / "project")
+def test_compare_lists_both_points_by_recipe_and_creates_no_run(swept_project, tmp_path):
+    project = copy_project(swept_project, tmp_path / "project")
     client, exp = _client(project)
     before = len(client.search_runs([exp]))
     proc = winnow(project, "compare")
@@ -92,10 +82,10 @@ def test_compare_lists_both_points_by_recipe_and_creates_no_run(swept, tmp_path)
     assert all(cells[3] == n for n, cells in by_name.items())          # the experiment column
 
 
-def test_a_repro_from_the_cache_is_a_parent_of_cached_stages_and_no_new_model(swept, tmp_path):
+def test_a_repro_from_the_cache_is_a_parent_of_cached_stages_and_no_new_model(swept_project, tmp_path):
     """`dvc repro` after the sweep changes nothing but the report: the new parent has every stage as a
     child (cached ones marked), the same headline, and `winnow compare` still has one row per model."""
-    project = copy_project(swept, tmp_path / "project")
+    project = copy_project(swept_project, tmp_path / "project")
     rows_before = winnow(project, "compare").stdout.count("\n| ")
     dvc(project, "repro", check=True)
     repro = _parents(project)["dvc-repro"]
@@ -107,31 +97,31 @@ def test_a_repro_from_the_cache_is_a_parent_of_cached_stages_and_no_new_model(sw
     assert repro.info.artifact_uri.startswith(f"{project}/mlruns")   # the copy's store writes into the copy
 
 
-def test_the_report_is_current_and_says_where_it_came_from(swept):
-    md = (swept / "reports/index.md").read_text()
-    parent = _parents(swept)["pt-basic"]
+def test_the_report_is_current_and_says_where_it_came_from(swept_project):
+    md = (swept_project / "reports/index.md").read_text()
+    parent = _parents(swept_project)["pt-basic"]
     assert "## Run" in md and f"| MLflow run | {parent.info.run_id} |" in md
     assert "| DVC experiment | pt-basic |" in md and "| scale | micro |" in md and "| pool source | demo: data/pool |" in md
     assert "DataComp basic filtering" in md                                     # the recipe's description
-    nofilter = _parents(swept)["pt-nofilter"]
+    nofilter = _parents(swept_project)["pt-nofilter"]
     delta = parent.data.metrics["average"] - nofilter.data.metrics["average"]
     assert f"| Δ average vs no_filter (pt-nofilter, {nofilter.info.run_id[:8]}) | {delta:+.3f} |" in md
     earlier = md.split("## Earlier runs")[1]
     assert "pt-nofilter" in earlier and "| pipeline (" in earlier                # read now, not restored
-    funnel = json.loads((swept / "reports/filter/funnel.json").read_text())
+    funnel = json.loads((swept_project / "reports/filter/funnel.json").read_text())
     truth = md.split("## What each step removed")[1].split("##")[0]
-    order = [line.split("|")[1].strip() for line in truth.splitlines() if line.startswith("| ")][2:]
+    order = [line.split("|")[1].strip() for line in truth.splitlines() if line.startswith("| ")][1:]
     assert order == [s["step"] for s in funnel["steps"]] + ["recipe"]          # recipe order, then the whole
     params = [line.split("|")[2] for line in md.split("## Funnel")[1].split("##")[0].splitlines()
-              if line.startswith("| ")][2:]
+              if line.startswith("| ")][1:]
     assert "min_side=200" in params[0] and not any(re.search(r"\d\.\d{4,}", p) for p in params), params
 
 
-def test_dvc_metrics_hold_only_the_headline(swept):
-    shown = json.loads(dvc(swept, "metrics", "show", "--json", check=True).stdout)
+def test_dvc_metrics_hold_only_the_headline(swept_project):
+    shown = json.loads(dvc(swept_project, "metrics", "show", "--json", check=True).stdout)
     files = {f for rev in shown.values() for f in rev["data"]}
     assert files == {"reports/metrics.json"}
-    diff = dvc(swept, "metrics", "diff", "HEAD", check=True)      # HEAD's metrics load (committed, cache: false)
+    diff = dvc(swept_project, "metrics", "diff", "HEAD", check=True)      # HEAD's metrics load (committed, cache: false)
     assert "average" in diff.stdout
 
 
