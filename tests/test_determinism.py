@@ -101,7 +101,7 @@ def test_stages_to_the_subset_give_the_same_bytes_on_other_threads_and_kernels(t
               "pool": {**MICRO_PARAMS["pool"], "num_samples": 300, "shard_size": 100, "trusted_samples": 192},
               "eval": {**MICRO_PARAMS["eval"], "test_samples": 32, "train_samples": 16},
               "scorer": {**MICRO_PARAMS["scorer"], "min_auc": 0.0,     # reproducibility, not quality
-                         "train": {**MICRO_PARAMS["scorer"]["train"], "epochs": 2}}}
+                         "train": {**MICRO_PARAMS["scorer"]["train"], "epochs": 4}}}
     results = []
     for i, (threads, kernel) in enumerate(MACHINES):
         project = make_project(tmp_path / f"p{i}", params)
