@@ -16,7 +16,6 @@ holds only those local paths (no ``pipe:`` URL, no name of the input's choosing)
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -306,23 +305,32 @@ def _quiet_console():
         ocm.setup_logging = setup
 
 
+class _SeededShuffle:
+    """webdataset's sample shuffle stage with a seeded rng: pass ``n`` over the data (an epoch)
+    draws from ``Random("winnow-shuffle-<seed>-<n>")``. A class, not a closure: it pickles into
+    DataLoader workers."""
+
+    def __init__(self, seed: int, bufsize: int = 1000, initial: int = 100, handler=None):
+        self.seed, self.bufsize, self.initial, self.handler, self.passes = seed, bufsize, initial, handler, 0
+
+    def __call__(self, data):
+        from webdataset.filters import _shuffle
+
+        rng = random.Random(f"winnow-shuffle-{self.seed}-{self.passes}")
+        self.passes += 1
+        return _shuffle(data, self.bufsize, self.initial, rng=rng, handler=self.handler)
+
+
 @contextlib.contextmanager
 def _deterministic(seed: int):
     """What open_clip_train leaves to chance on one machine, fixed for the run: its sample shuffle
-    buffer (webdataset's ``shuffle`` without an rng seeds itself from the pid and the clock; here each
-    pass over the data gets ``Random((seed, pass))``) and, on CPU, the thread count (CPU_TRAIN_THREADS).
-    A resumed run restarts the pass count, so it sees other draws than an uninterrupted one."""
+    buffer (``wds.shuffle`` without an rng seeds itself from the pid and the clock; here
+    _SeededShuffle) and, on CPU, the thread count (CPU_TRAIN_THREADS). A resumed run restarts the
+    pass count, so it draws otherwise than an uninterrupted one."""
     import webdataset as wds
-    from webdataset.filters import _shuffle, pipelinefilter
-
-    passes = itertools.count()
-
-    def seeded(data, bufsize=1000, initial=100, rng=None, handler=None):
-        rng = rng or random.Random(f"winnow-shuffle-{seed}-{next(passes)}")
-        return _shuffle(data, bufsize, initial, rng=rng, handler=handler)
 
     shuffle, threads = wds.shuffle, torch.get_num_threads()
-    wds.shuffle = pipelinefilter(seeded)
+    wds.shuffle = lambda bufsize=1000, initial=100, handler=None, rng=None: _SeededShuffle(seed, bufsize, initial, handler)
     if not torch.cuda.is_available():
         torch.set_num_threads(CPU_TRAIN_THREADS)
     try:
