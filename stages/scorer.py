@@ -10,7 +10,7 @@ from winnow.io import atomic_dir, cache_local, local, read_json, write_json
 from winnow.demo import pool as demo
 from winnow.scorer_quality import scorer_quality
 from winnow.stage import main
-from winnow.train import loss_is_healthy, train_clip
+from winnow.train import curve_for_disk, loss_is_healthy, train_clip
 from winnow.validate import Gate, expect
 
 OUT = "models/scorer"
@@ -44,7 +44,7 @@ def body(p: Params) -> dict:
             ok, why = loss_is_healthy(r["curve"])
             gate.check("training", pd.DataFrame([{"run": "scorer", "healthy": ok, "why": why}]),
                        [E.ExpectColumnValuesToBeInSet(column="healthy", value_set=[True])], id_column="why")
-            write_json(tmp / "curve.json", r["curve"])
+            write_json(tmp / "curve.json", curve_for_disk(r["curve"]))
             track.log_curve(r["curve"], prefix="scorer")
             weights = str(local(OUT) / "checkpoint.pt")
             model, pre, tok = models.load(s.model, str(tmp / "checkpoint.pt"))

@@ -7,7 +7,7 @@ from winnow.config import Params, load_scale
 from winnow.io import atomic_dir, read_json, write_json
 from winnow.reshard import brace_pattern
 from winnow.stage import main
-from winnow.train import loss_is_healthy, train_clip
+from winnow.train import curve_for_disk, loss_is_healthy, train_clip
 from winnow.validate import Gate, expect
 
 OUT = "models/clip"
@@ -22,7 +22,7 @@ def body(p: Params) -> dict:
                        warmup=scale["warmup"], wd=scale["wd"], beta2=scale["beta2"],
                        checkpoints=scale["checkpoints"], out_dir=tmp, seed=p.train.seed)
         track.log_curve(r["curve"])
-        write_json(tmp / "curve.json", r["curve"])
+        write_json(tmp / "curve.json", curve_for_disk(r["curve"]))
         ok, why = loss_is_healthy(r["curve"])
         try:
             models.load(scale["model"], str(tmp / "checkpoint.pt"))

@@ -15,9 +15,11 @@ holds only those local paths (no ``pipe:`` URL, no name of the input's choosing)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -29,6 +31,11 @@ from winnow.io import atomic_file
 from winnow.jobs import WORK_ROOT, Key, WorkDir
 from winnow.models import register_configs
 
+# Intra-op threads of CPU training. A float reduction's order (and so a model's last bits) depends on
+# how many threads split it: a fixed count makes the checkpoint byte-identical on any machine.
+CPU_TRAIN_THREADS = 4
+# Console lines of open_clip_train that are expected, not news: training from scratch has no weights.
+_QUIET = ("No pretrained weights loaded",)
 _LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?([\d.]+)/s, .*?LR: ([\d.eE+-]+) .*?"
                    r"Contrastive_loss: ([\d.eE+-]+|nan|inf)")
 
@@ -206,7 +213,9 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     args = open_clip_args(data=data, model=model, samples_seen=samples_seen, global_batch=batch_size, lr=lr,
                           warmup=warmup, wd=wd, beta2=beta2, checkpoints=checkpoints, seed=seed, workers=workers,
                           precision="amp_bf16" if torch.cuda.is_available() else "fp32")
-    args += ["--log-every-n-steps", "1"]
+    args += ["--log-every-n-steps", "1"]   # every step in out.log (the curve); the console gets one line per epoch
+    if not torch.cuda.is_available():      # open_clip_train's default "cuda" would warn and fall back
+        args += ["--device", "cpu"]
     per_epoch = samples_per_checkpoint(samples_seen, batch_size, checkpoints)
     work = WorkDir(job, work_key(job, args, model, data), work_root)
     logs = work.path
@@ -219,7 +228,8 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     levels = {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
     levels[""] = root.level
     try:
-        rc = open_clip_train_main(args)
+        with _deterministic(seed), _quiet_console():
+            rc = open_clip_train_main(args)
     finally:   # open_clip_train adds root handlers and sets every logger to INFO on each call
         for h in root.handlers[len(handlers):]:
             root.removeHandler(h)
@@ -239,11 +249,95 @@ def train_clip(*, data: str, model: str, samples_seen: int, batch_size: int, lr:
     log_text = (logs / "run" / "out.log").read_text(encoding="utf-8", errors="replace")
     curve = parse_log(log_text, per_epoch)
     resumed = [int(m) for m in re.findall(r"=> resuming checkpoint .*\(epoch (\d+)\)", log_text)]
-    shutil.copyfile(logs / "run" / "out.log", out / "train.log")
+    _log_to_mlflow(log_text)   # not into out_dir: the log's timestamps would change the output's bytes
     work.mark("train", {"steps": len(curve)})
     work.release()
     return {"checkpoint": str(out / "checkpoint.pt"), "curve": curve, "steps": len(curve),
             "samples_per_epoch": per_epoch, "resumed_from_epochs": resumed, "sanitized": sanitized}
+
+
+def curve_for_disk(curve: list[dict]) -> list[dict]:
+    """The curve as a stage writes it to its output: without throughput (``samples_per_s`` depends
+    on the machine and the moment; it goes to MLflow only), so the same run gives the same bytes."""
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in curve]
+
+
+def _log_to_mlflow(text: str) -> None:
+    """open_clip_train's full log (timestamps, throughput) as the active MLflow run's ``train.log``."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        from winnow.track import scrub
+
+        mlflow.log_text(scrub(text), "train.log")
+
+
+class _ConsoleFilter(logging.Filter):
+    """What of open_clip_train's log reaches the console: warnings and errors (less the expected
+    ones, _QUIET), each epoch's last step and resumption; every record still goes to out.log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return not msg.startswith(_QUIET)
+        return (msg.startswith("Train Epoch:") and "(100%)]" in msg) or msg.startswith("=> resuming checkpoint")
+
+
+@contextlib.contextmanager
+def _quiet_console():
+    """open_clip_train logs ~190 lines per small run to the console (its arguments, every step):
+    its stream handler gets _ConsoleFilter; the file handler (out.log, the curve's source) is untouched."""
+    import open_clip_train.main as ocm
+
+    setup = ocm.setup_logging
+
+    def quiet_setup(*a, **kw):
+        before = set(map(id, logging.root.handlers))
+        setup(*a, **kw)
+        for h in logging.root.handlers:
+            if id(h) not in before and type(h) is logging.StreamHandler:
+                h.addFilter(_ConsoleFilter())
+
+    ocm.setup_logging = quiet_setup
+    try:
+        yield
+    finally:
+        ocm.setup_logging = setup
+
+
+class _SeededShuffle:
+    """webdataset's sample shuffle stage with a seeded rng: pass ``n`` over the data (an epoch)
+    draws from ``Random("winnow-shuffle-<seed>-<n>")``. A class, not a closure: it pickles into
+    DataLoader workers."""
+
+    def __init__(self, seed: int, bufsize: int = 1000, initial: int = 100, handler=None):
+        self.seed, self.bufsize, self.initial, self.handler, self.passes = seed, bufsize, initial, handler, 0
+
+    def __call__(self, data):
+        from webdataset.filters import _shuffle
+
+        rng = random.Random(f"winnow-shuffle-{self.seed}-{self.passes}")
+        self.passes += 1
+        return _shuffle(data, self.bufsize, self.initial, rng=rng, handler=self.handler)
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int):
+    """What open_clip_train leaves to chance on one machine, fixed for the run: its sample shuffle
+    buffer (``wds.shuffle`` without an rng seeds itself from the pid and the clock; here
+    _SeededShuffle) and, on CPU, the thread count (CPU_TRAIN_THREADS). A resumed run restarts the
+    pass count, so it draws otherwise than an uninterrupted one."""
+    import webdataset as wds
+
+    shuffle, threads = wds.shuffle, torch.get_num_threads()
+    wds.shuffle = lambda bufsize=1000, initial=100, handler=None, rng=None: _SeededShuffle(seed, bufsize, initial, handler)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(CPU_TRAIN_THREADS)
+    try:
+        yield
+    finally:
+        wds.shuffle = shuffle
+        torch.set_num_threads(threads)
 
 
 def work_key(job: str, args: list[str], model: str, data: str) -> Key:

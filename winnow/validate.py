@@ -93,6 +93,9 @@ class Gate:
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
             logging.getLogger("great_expectations").setLevel(logging.WARNING)
+            # this module sets itself to INFO on import and then announces the temporary directory of
+            # every ephemeral context ("Created temporary directory ... for ephemeral docs site"): expected, not news
+            logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
             ctx = gx.get_context(mode="ephemeral")
             ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
             self._batches = (ctx.data_sources.add_pandas("pd").add_dataframe_asset("frame")

@@ -12,6 +12,7 @@ fondness for scene text, which is what the flipped-image score exists to defeat.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,23 @@ class Sample:
     source: "Sample | None" = None   # for duplicates: the sample they copy
     caption_scene: Scene | None = None   # what the caption describes (mismatched: another scene)
     extra: dict = field(default_factory=dict)
+
+
+def exact_dot(a, b) -> float:
+    """``a @ b`` rounded once, exactly (math.fsum over the float64 products, which are exact for
+    float16/float32 inputs). BLAS's dot kernels sum in an order that depends on the CPU's SIMD
+    width and the thread count, so their last bits differ between machines; the pool writes these
+    values (scores, and vectors derived from them) to disk, and must be byte-identical anywhere."""
+    return math.fsum((np.asarray(a, np.float64) * np.asarray(b, np.float64)).tolist())
+
+
+def unit_rows(m: np.ndarray) -> np.ndarray:
+    """Each row of ``m`` (or ``m`` itself, a vector) divided by its L2 norm, the norm summed exactly
+    (see :func:`exact_dot`): the same bits whatever BLAS and thread count."""
+    m = np.asarray(m, np.float64)
+    rows = np.atleast_2d(m)
+    norms = np.array([math.sqrt(exact_dot(r, r)) for r in rows])
+    return (rows / norms[:, None]).reshape(m.shape)
 
 
 def uid_of(url: str, text: str) -> str:
@@ -131,7 +149,7 @@ class ClipSimulator:
 
     def __init__(self, dim: int, seed: int, offset: float):
         r = np.random.default_rng([seed, dim])
-        unit = lambda k: (lambda m: m / np.linalg.norm(m, axis=1, keepdims=True))(r.standard_normal((k, dim)))
+        unit = lambda k: unit_rows(r.standard_normal((k, dim)))
         self.shape = dict(zip(world.SHAPES, unit(len(world.SHAPES))))
         self.colour = dict(zip(world.COLOURS, unit(len(world.COLOURS))))
         self.count = unit(5)
@@ -154,11 +172,9 @@ class ClipSimulator:
         txt_scene = s.caption_scene
         if s.kind == "scene_text":
             txt_scene = Scene("circle", "red", 0, "small", "white", text=s.scene.text)
-        t = self.concept(txt_scene, rng)
-        t /= np.linalg.norm(t)
+        t = unit_rows(self.concept(txt_scene, rng))
         base = self.concept(s.scene, rng)
-        u = base - (base @ t) * t
-        u /= np.linalg.norm(u)
+        u = unit_rows(base - exact_dot(base, t) * t)
         img = target * t + np.sqrt(1 - target**2) * u
         return img.astype(np.float16), t.astype(np.float16)
 
@@ -189,8 +205,7 @@ def write_pool(cfg: PoolParams, seed: int, out: str) -> dict:
                 vec = {f"{f}_{m}": s.extra[f][j] for f in sims for j, m in enumerate(("img", "txt"))}
                 for name, v in vec.items():
                     arrays[name].append(v)
-                score = {f: float(vec[f"{f}_img"].astype(np.float32) @ vec[f"{f}_txt"].astype(np.float32))
-                         for f in sims}
+                score = {f: exact_dot(vec[f"{f}_img"], vec[f"{f}_txt"]) for f in sims}
                 faces = []
                 if rng.random() < 0.05:   # a face box, normalised x0, y0, x1, y1
                     x0, y0 = rng.uniform(0, 0.6, 2)

@@ -1,0 +1,116 @@
+"""A reproducible baseline: the same params give the same bytes, whatever the machine's BLAS kernel
+and thread count. The demo pool sums its scores and norms exactly (``winnow.demo.pool.exact_dot``),
+not through BLAS, whose summation order depends on the CPU's SIMD width and the threads; training
+fixes its sample shuffle's seed and its CPU thread count (``winnow.train``). Two copies of the project,
+run with different thread counts (and, on x86, different OpenBLAS kernels), must produce the same
+outputs for every stage up to the resharded subset, so ``dvc repro`` on a clean clone leaves dvc.lock
+as committed. The one exception is ``reports/filter/funnel.json``'s per-step ``seconds`` (wall time)."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.helpers import MICRO_PARAMS, ROOT, env_for_subprocess, make_project
+
+STAGES = ["pool", "tasks", "plan", "scorer", "embed", "filter", "reshard"]
+# (thread count, OpenBLAS kernel): the kernel is a stand-in for another CPU (ignored off x86)
+MACHINES = [("1", "Haswell"), ("2", "Prescott")]
+
+POOL_SCRIPT = """
+import hashlib, json, sys
+sys.path.insert(0, {root!r})
+from winnow.config import PoolParams
+from winnow.demo import pool as demo
+from pathlib import Path
+demo.write_pool(PoolParams(**{pool!r}), 0, {out!r})
+print(json.dumps({{str(p.relative_to({out!r})): hashlib.md5(p.read_bytes()).hexdigest()
+                  for p in sorted(Path({out!r}).rglob("*")) if p.is_file()}}))
+"""
+
+
+def _machine_env(threads: str, kernel: str) -> dict:
+    env = env_for_subprocess()
+    env.update(OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               OPENBLAS_CORETYPE=kernel)
+    return env
+
+
+def test_exact_dot_is_independent_of_summation_order():
+    """What makes the pool's scores machine-independent: the sum is exact, so no order of adding the
+    products (a SIMD width, a split across threads) can change its bits."""
+    from winnow.demo.pool import exact_dot, unit_rows
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(768), rng.standard_normal(768)
+    want = exact_dot(a, b)
+    for _ in range(20):
+        p = rng.permutation(768)
+        assert exact_dot(a[p], b[p]) == want
+    assert want == pytest.approx(float(a @ b), rel=1e-12)
+    h = a.astype(np.float16)
+    assert exact_dot(h, h) == pytest.approx(float(h.astype(np.float64) @ h.astype(np.float64)), rel=1e-12)
+    u = unit_rows(np.stack([a, b]))
+    assert [exact_dot(r, r) for r in u] == pytest.approx([1.0, 1.0], abs=1e-15)
+    assert np.array_equal(unit_rows(a), u[0])
+
+
+def test_demo_pool_bytes_do_not_depend_on_blas(tmp_path):
+    """The demo pool, generated under two thread counts and OpenBLAS kernels, has identical files
+    (before exact sums, another kernel changed the parquet's scores: 66,388,563 vs 66,388,559 bytes)."""
+    pool = {**MICRO_PARAMS["pool"], "num_samples": 600, "trusted_samples": 64}
+    hashes = []
+    for i, (threads, kernel) in enumerate(MACHINES):
+        out = str(tmp_path / f"pool{i}")
+        proc = subprocess.run([sys.executable, "-c", POOL_SCRIPT.format(root=str(ROOT), pool=pool, out=out)],
+                              env=_machine_env(threads, kernel), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        hashes.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert len(hashes[0]) > 10 and hashes[0] == hashes[1]
+
+
+def _without_seconds(x):
+    if isinstance(x, dict):
+        return {k: _without_seconds(v) for k, v in x.items() if k != "seconds"}
+    if isinstance(x, list):
+        return [_without_seconds(v) for v in x]
+    return x
+
+
+def _outs(project: Path) -> dict:
+    """Every output of STAGES by its dvc.lock hash; funnel.json by its content less the wall times."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(STAGES) <= set(lock)
+    outs = {}
+    for stage in STAGES:
+        for o in lock[stage]["outs"]:
+            if o["path"] == "reports/filter/funnel.json":   # per-step seconds are wall time (another issue)
+                outs[o["path"]] = _without_seconds(json.loads((project / o["path"]).read_text()))
+            else:
+                outs[o["path"]] = o["md5"]
+    return outs
+
+
+@pytest.mark.slow   # the pipeline to the subset twice, scorer training included (~4 min on 2 cores)
+def test_stages_to_the_subset_give_the_same_bytes_on_other_threads_and_kernels(tmp_path):
+    params = {**MICRO_PARAMS,
+              "pool": {**MICRO_PARAMS["pool"], "num_samples": 300, "shard_size": 100, "trusted_samples": 192},
+              "eval": {**MICRO_PARAMS["eval"], "test_samples": 32, "train_samples": 16},
+              "scorer": {**MICRO_PARAMS["scorer"], "min_auc": 0.0,     # reproducibility, not quality
+                         "train": {**MICRO_PARAMS["scorer"]["train"], "epochs": 4}}}
+    results = []
+    for i, (threads, kernel) in enumerate(MACHINES):
+        project = make_project(tmp_path / f"p{i}", params)
+        proc = subprocess.run(["dvc", "repro", "reshard"], cwd=project, env=_machine_env(threads, kernel),
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results.append(_outs(project))
+    a, b = results
+    assert "models/scorer" in a and "data/subset" in a
+    assert {k for k in a if a[k] != b.get(k)} == set()
+    checkpoint = [hashlib.md5((tmp_path / f"p{i}/models/scorer/checkpoint.pt").read_bytes()).hexdigest() for i in (0, 1)]
+    assert checkpoint[0] == checkpoint[1]
