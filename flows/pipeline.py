@@ -72,6 +72,15 @@ def run_stage(stage: str) -> str:
     log = get_run_logger()
     proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    try:   # a flow killed mid-stage takes its dvc with it (else it outlives the lock and params.yaml's restore)
+        return _follow(stage, proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+
+
+def _follow(stage: str, proc: subprocess.Popen, log) -> str:
     shown: dict[str, int] = {}
     tail: list[str] = []
     skipped = False

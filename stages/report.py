@@ -51,8 +51,8 @@ def body(p: Params) -> dict:
     cached = track.log_cached_stages(parent, p, others, lambda s: read_json(record_path(s))
                                      if Path(record_path(s)).exists() else {})
     track.finish_parent(parent, top, {"winnow.model": _model_id() or "", "winnow.cached_stages": ",".join(cached)}, [])
-    try:   # tracking history is a nice-to-have here: an unreachable server must not block the report
-        rows = compare.runs_table(track.tracking_uri(p.tracking.uri), p.tracking.experiment)
+    try:   # earlier runs: a store that cannot be searched leaves the section out, not the report
+        rows = compare.runs_table(track.tracking_uri(p.tracking.uri), p.tracking.experiment, current=parent)
         compare.write(rows)
     except Exception as exc:  # noqa: BLE001
         print(f"report: earlier runs unavailable ({track.scrub(str(exc))[:200]})")

@@ -21,10 +21,12 @@ def _check() -> int:
     from winnow import preflight
     from winnow.errors import WinnowError
 
+    from winnow.track import scrub
+
     try:
         preflight.run("params.yaml")
     except WinnowError as exc:
-        print(str(exc), file=sys.stderr)
+        print(scrub(str(exc)), file=sys.stderr)
         return getattr(exc, "exit_code", 1)
     print("params.yaml OK")
     return 0
@@ -36,12 +38,17 @@ def _run(extra: list[str]) -> int:
     from winnow import preflight, track
     from winnow.dvcfile import stage_exit_code
 
-    if (rc := _check()) != 0:   # a typo fails before any work
-        return rc
-    params = preflight.run("params.yaml")
+    from winnow.errors import WinnowError
+    from winnow.io import terminate_unwinds
+
+    try:   # a typo fails before any work
+        params = preflight.run("params.yaml")
+    except WinnowError as exc:
+        print(track.scrub(str(exc)), file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
     t0 = time.time()
     try:
-        with preflight.workspace_lock(), track.pipeline_run(params) as run:
+        with terminate_unwinds(), preflight.workspace_lock(), track.pipeline_run(params) as run:
             env = dict(os.environ)   # with the parent run's id
             env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
             rc, tail = _tee_stderr(["dvc", "repro", *extra], env)
@@ -51,8 +58,9 @@ def _run(extra: list[str]) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     except _Failed as failed:
-        print(f"\npipeline FAILED (exit {failed.code}); MLflow parent run {run.info.run_id}", file=sys.stderr)
-        return failed.code
+        code = failed.code if failed.code >= 0 else 128 - failed.code   # killed by signal N: the shell's 128+N
+        print(f"\npipeline FAILED (exit {code}); MLflow parent run {run.info.run_id}", file=sys.stderr)
+        return code
     print(f"\npipeline finished in {time.time() - t0:.0f}s; MLflow parent run {run.info.run_id}")
     print(f"report: {Path('reports/index.html').resolve()}")
     return 0
@@ -63,11 +71,16 @@ def _tee_stderr(cmd: list[str], env: dict) -> tuple[int, str]:
     exit status and the last 8 KiB of that stderr."""
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     tail = b""
-    while chunk := os.read(proc.stderr.fileno(), 65536):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        tail = (tail + chunk)[-8192:]
-    return proc.wait(), tail.decode("utf-8", "replace")
+    try:
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail = (tail + chunk)[-8192:]
+        return proc.wait(), tail.decode("utf-8", "replace")
+    finally:   # interrupted (Ctrl-C, SIGTERM): dvc goes too, and the parent run is marked FAILED
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
 
 
 class _Failed(Exception):

@@ -15,7 +15,9 @@ from pathlib import Path
 from winnow.io import atomic_file
 
 
-def runs_table(tracking_uri: str, experiment: str, limit: int = 50) -> list[dict]:
+def runs_table(tracking_uri: str, experiment: str, limit: int = 50, current: str | None = None) -> list[dict]:
+    """Rows of FINISHED parent runs with a headline, newest first; ``current`` (the run being
+    reported, still running) is listed too."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri)
@@ -28,7 +30,7 @@ def runs_table(tracking_uri: str, experiment: str, limit: int = 50) -> list[dict
     for r in runs:
         m, p, t = r.data.metrics, r.data.params, r.data.tags
         score = m.get("average", m.get("partial_average"))
-        if score is None:          # not evaluated (failed, or stopped before the report)
+        if score is None or (r.info.status != "FINISHED" and r.info.run_id != current):   # failed, or not evaluated
             continue
         model = (t.get("winnow.model") or r.info.run_id, p.get("eval.suite"))
         if model in seen:
@@ -40,7 +42,7 @@ def runs_table(tracking_uri: str, experiment: str, limit: int = 50) -> list[dict
             "subset_size": _int(m.get("subset_size")), "samples_seen": _int(m.get("samples_seen")),
             "kept_fraction": m.get("kept_fraction"), "imagenet": m.get("group.ImageNet"),
             "groups": {k.removeprefix("group."): v for k, v in m.items() if k.startswith("group.")},
-            "average": m.get("average"), "partial": "average" not in m,
+            "average": score, "partial": "average" not in m,   # partial: some ranked tasks missing
         })
         if len(rows) >= limit:
             break
@@ -54,7 +56,7 @@ def _int(v) -> int | None:
 def baseline(rows: list[dict], scale: str | None, exclude: str | None = None) -> dict | None:
     """The newest no_filter row at ``scale`` (not the run ``exclude``): what Δ is measured against."""
     return next((r for r in rows if r["recipe"] == "no_filter" and r["scale"] == scale and r["run_id"] != exclude
-                 and r["average"] is not None), None)
+                 and r["average"] is not None and not r.get("partial")), None)
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -65,8 +67,8 @@ def to_markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"{r['run']} ({r['run_id']})", r["recipe"], r.get("scale"), r.get("experiment"), r["subset_size"],
                  r["samples_seen"]]
-        cells += [r["groups"].get(g) for g in groups] + [r["average"]]
-        lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
+        cells += [r["groups"].get(g) for g in groups]
+        lines.append("| " + " | ".join(fmt(c) for c in cells) + f" | {fmt(r['average'])}{' (partial)' * r.get('partial', False)} |")
     return "\n".join(lines) + "\n"
 
 

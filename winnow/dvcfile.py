@@ -34,11 +34,18 @@ def params_keys(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     """The stage's ``params:`` list as dotted keys (``eval`` or ``pool.shard_size``)."""
     keys = []
     for p in stage(name, dvc_yaml).get("params", []) or []:
-        if isinstance(p, dict):   # DVC's ``{other.yaml: [keys]}`` form: winnow reads params.yaml only, keep the keys
-            keys.extend(k for ks in p.values() for k in ks or [])
+        if isinstance(p, dict):   # DVC's ``{other.yaml: [keys]}`` form: winnow reads params.yaml only, keep the keys;
+            for file, ks in p.items():   # ``{params.yaml: null}``: the whole file, i.e. all its sections
+                keys.extend(ks if ks is not None else list(_sections(Path(dvc_yaml).parent / file)))
         else:
             keys.append(p)
     return keys
+
+
+def _sections(path: Path) -> list[str]:
+    from winnow.config import load_yaml   # a YAML error: one line with its line and column (exit 2)
+
+    return list(load_yaml(path) or {})
 
 
 def deps(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:

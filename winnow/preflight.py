@@ -188,8 +188,11 @@ def check(params: dict | Params, source: str = "params.yaml") -> list[str]:
             from winnow import s3
 
             s3.use_endpoint(p.storage.endpoint_url)
-        schema = attempt(_external, p.pool)
-        columns, keys = schema if schema else (None, None)
+        try:   # not found / unreadable schema is a problem; an outage is not (it propagates: exit 1)
+            columns, keys = _external(p.pool)
+        except ParamsError as exc:
+            found.extend(_lines(exc))
+            columns, keys = None, None
     if recipe is not None and columns is not None:
         from winnow.models import embedding_name
 
@@ -215,15 +218,18 @@ def _demo_noise(p: Params) -> None:
 
 def _external(pool) -> tuple[set[str], set[str] | None]:
     from winnow.pool.shards import ShardError
+    from winnow.s3 import S3NotFound
+    from winnow.track import scrub
 
+    where = f"params.yaml: pool.source datacomp, pool.uri {scrub(pool.uri)}"   # a URI may carry credentials
     try:
         return external_schema(pool)
     except ShardError as exc:
-        raise ParamsError(f"params.yaml: pool.source datacomp, pool.uri {pool.uri}: {exc}") from None
-    except FileNotFoundError as exc:
-        raise ParamsError(f"params.yaml: pool.source datacomp, pool.uri {pool.uri}: not found ({exc})") from None
-    except WinnowError as exc:   # S3Error: unreachable, forbidden …
-        raise ParamsError(f"params.yaml: pool.source datacomp, pool.uri {pool.uri}: {exc}") from None
+        raise ParamsError(f"{where}: {scrub(exc)}") from None
+    except (FileNotFoundError, S3NotFound) as exc:
+        raise ParamsError(f"{where}: not found ({scrub(exc)})") from None
+    # anything else (S3 unreachable or throttled, a flaky filesystem) is not a config error: it leaves
+    # with its own exit status (1), so Prefect retries it
 
 
 def run(path: str | Path = "params.yaml", updates: dict | None = None) -> Params:

@@ -138,9 +138,20 @@ def _setup(params) -> str:
     _quiet()
     uri = tracking_uri(params.tracking.uri)
     mlflow.set_tracking_uri(uri)
-    if db := _local_sqlite(uri):
+    if (db := _local_sqlite(uri)) and db.parent == Path.cwd().resolve():   # the project's own store
         relocate_artifacts(db)
-    return mlflow.set_experiment(params.tracking.experiment).experiment_id
+    # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, which every child process (another
+    # project's stages, a test's subprocess) would then take for its own store's experiment
+    client = mlflow.tracking.MlflowClient()
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(params.tracking.experiment)
+    except MlflowException:   # made meanwhile by another stage
+        return client.get_experiment_by_name(params.tracking.experiment).experiment_id
 
 
 def _quiet() -> None:
@@ -177,17 +188,19 @@ def relocate_artifacts(db: Path) -> int:
             n = 0
             for (loc,) in rows:
                 path = (loc or "").removeprefix("file://")
-                if not path.startswith("/") or "/mlruns" not in path:
+                parts = Path(path).parts
+                if not path.startswith("/") or "mlruns" not in parts:
                     continue                      # remote, or not the default layout: left alone
-                old = path[: path.rindex("/mlruns") + len("/mlruns")]
+                old = str(Path(*parts[: len(parts) - parts[::-1].index("mlruns")]))
                 if old == here:
                     continue
                 for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
                                    ("logged_models", "artifact_location")):
                     for a, b in ((old, here), (f"file://{old}", f"file://{here}")):
-                        try:
+                        try:   # the prefix, as a whole path component
                             n += con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) "
-                                             f"WHERE substr({col}, 1, ?) = ?", (b, len(a) + 1, len(a), a)).rowcount
+                                             f"WHERE {col} = ? OR substr({col}, 1, ?) = ?",
+                                             (b, len(a) + 1, a, len(a) + 1, a + "/")).rowcount
                         except sqlite3.OperationalError:   # a table this MLflow version lacks
                             break
             return n
@@ -325,13 +338,14 @@ def stage_run(stage: str, params, sections: list[str]):
     stage runs, FINISHED between stages and after the last, FAILED when a stage fails."""
     import mlflow
 
+    exp_id = _setup(params)
     parent, owned = current_parent(params)
     client = mlflow.tracking.MlflowClient()
     if owned:
         client.update_run(parent, status="RUNNING")
     ok = False
     try:
-        with mlflow.start_run(run_name=stage, parent_run_id=parent,
+        with mlflow.start_run(run_name=stage, parent_run_id=parent, experiment_id=exp_id,
                               tags={"winnow.stage": stage, "winnow.kind": "stage"}) as run:
             mlflow.log_params(section_params(params, sections))
             yield run
@@ -343,13 +357,21 @@ def stage_run(stage: str, params, sections: list[str]):
 
 def section_params(params, sections: list[str]) -> dict:
     flat = flatten(params.model_dump())
-    return {k: _param(v) for k, v in flat.items() if any(k == s or k.startswith(f"{s}.") for s in sections)}
+    return {mlflow_key(k): _param(v) for k, v in flat.items() if any(k == s or k.startswith(f"{s}.") for s in sections)}
+
+
+_KEY_BAD = re.compile(r"[^\w\-./ ]")
+
+
+def mlflow_key(key: str) -> str:
+    """A metric or param name MLflow accepts (a step label like ``language#2``, ``recall@5``)."""
+    return _KEY_BAD.sub("_", key.replace("@", "_at_"))
 
 
 def _numeric(metrics: dict) -> dict:
     import math
 
-    return {k.replace("@", "_at_").replace(":", "_"): float(v) for k, v in flatten(metrics).items()
+    return {mlflow_key(k): float(v) for k, v in flatten(metrics).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
