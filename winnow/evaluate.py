@@ -273,8 +273,10 @@ def evaluate_suite(model, preprocess, tokenizer, suite: Suite, data_root: str, r
         rows.append(row)
         if row["status"] == "ok":   # only finished tasks are marked, so a re-run retries the rest
             work.mark(unit, row, unit_key)
-    with atomic_file(path) as tmp:   # without wall times: the same model and sets give the same bytes (a DVC output)
-        Path(tmp).write_text("".join(json.dumps({k: v for k, v in r.items() if k != "seconds"}) + "\n"
+    # without wall times and the resume key (it covers the sets' paths and mtimes): the same model and
+    # sets give the same bytes in any clone (a DVC output)
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("seconds", "eval_key")}) + "\n"
                                      for r in rows if r["status"] == "ok"), encoding="utf-8")
     return rows
 
