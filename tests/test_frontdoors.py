@@ -54,20 +54,26 @@ def test_each_experiment_point_is_one_parent_run(swept_project):
         kids = _children(swept_project, p.info.run_id)
         assert sorted(kids) == sorted(yaml.safe_load((swept_project / "dvc.yaml").read_text())["stages"])
         # pool and tasks did not change with the recipe: DVC skipped them, and they are still children,
-        # marked cached, with the metrics of the outputs on disk
-        for stage in ("pool", "tasks"):
-            assert kids[stage].data.tags.get("winnow.cached") == "true"
-            record = json.loads((swept_project / f"reports/stages/{stage}.json").read_text())
-            assert {k: kids[stage].data.metrics[k] for k in record} == pytest.approx(record)
-        for stage in ("filter", "train", "evaluate", "report"):
-            assert "winnow.cached" not in kids[stage].data.tags
-        artifacts = {a.path for s, under in (("filter", None), ("filter", "filter"), ("train", None))
-                     for a in client.list_artifacts(kids[s].info.run_id, under)}
-        assert {"funnel.json", "filter/decision_summary.json", "info.json", "curve.json"} <= artifacts, artifacts
-        if "winnow.cached" not in kids["scorer"].data.tags:   # no_filter needs no scorer: the plan changed, it ran
-            assert {a.path for a in client.list_artifacts(kids["scorer"].info.run_id)} == {"scorer.json", "quality.json"}
+        # marked cached. (Other stages may be restored from the run-cache that the session's projects
+        # share, when another test already ran them with the same inputs: cached too.)
+        cached = {s for s, r in kids.items() if r.data.tags.get("winnow.cached") == "true"}
+        assert {"pool", "tasks"} <= cached and "report" not in cached and "check" not in cached
+        if name == POINTS[-1][0]:   # the workspace holds the last point's outputs: cached = their metrics
+            for stage in cached:
+                record = json.loads((swept_project / f"reports/stages/{stage}.json").read_text())
+                assert {k: kids[stage].data.metrics[k] for k in record} == pytest.approx(record), stage
+        # a stage that ran logs its artifacts
+        want = {"filter": {"funnel.json", "filter/decision_summary.json"}, "train": {"info.json", "curve.json"},
+                "scorer": {"scorer.json", "quality.json"}}
+        for stage, files in want.items():
+            if stage not in cached:
+                got = {a.path for under in (None, stage) for a in client.list_artifacts(kids[stage].info.run_id, under)}
+                assert files <= got, (name, stage, got)
         # artifacts stay in this project, not in the one it was copied from
         assert p.info.artifact_uri.startswith(f"{swept_project}/mlruns")
+    # at least one point really ran filter and train (and so logged their artifacts above)
+    assert not all({"filter", "train"} <= {s for s, r in _children(swept_project, parents[n].info.run_id).items()
+                                           if r.data.tags.get("winnow.cached")} for n, _ in POINTS)
 
 
 def test_compare_lists_both_points_by_recipe_and_creates_no_run(swept_project, tmp_path):
