@@ -135,3 +135,18 @@ def kill_when(proc, ready, timeout: float = 120, poll: float = 0.005) -> None:
         time.sleep(poll)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def write_caption_tar(path: Path, n: int = 128, seed: int = 0) -> Path:
+    """A webdataset tar of ``n`` random 64 px images with short captions: training's smallest input."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as w:
+        for i in range(n):
+            w.write({"__key__": f"{i:05d}", "txt": f"a picture number {i % 7}",
+                     "jpg": Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))})
+    return path

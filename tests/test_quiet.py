@@ -6,12 +6,7 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-import pandas as pd
-import webdataset as wds
-from PIL import Image
-
-from tests.helpers import ROOT, env_for_subprocess
+from tests.helpers import ROOT, env_for_subprocess, write_caption_tar
 
 NOISE = ("No pretrained weights loaded", "falling back to CPU", "ephemeral docs site", "Params:")
 
@@ -30,12 +25,7 @@ print("RESULT", json.dumps({{"steps": r["steps"], "curve": r["curve"], "log_step
 
 
 def test_training_prints_one_line_per_epoch(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "data").mkdir()
-    with wds.TarWriter(str(tmp_path / "data" / "0.tar")) as w:
-        for i in range(128):
-            w.write({"__key__": f"{i:05d}", "txt": f"a picture number {i % 7}",
-                     "jpg": Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))})
+    write_caption_tar(tmp_path / "data" / "0.tar")
     (tmp_path / "out").mkdir()
     script = TRAIN.format(root=str(ROOT), uri=f"sqlite:///{tmp_path}/mlflow.db", data=str(tmp_path / "data" / "0.tar"),
                           out=str(tmp_path / "out"), work=str(tmp_path / "work"))

@@ -6,12 +6,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import webdataset as wds
-from PIL import Image
 
-from tests.helpers import ROOT, env_for_subprocess
+from tests.helpers import ROOT, env_for_subprocess, write_caption_tar
 
 SCRIPT = """
 import json, sys
@@ -34,12 +31,7 @@ def _result(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "data").mkdir()
-    with wds.TarWriter(str(tmp_path / "data" / "0.tar")) as w:
-        for i in range(128):
-            w.write({"__key__": f"{i:05d}", "txt": f"a picture number {i % 7}",
-                     "jpg": Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))})
+    write_caption_tar(tmp_path / "data" / "0.tar")
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", _script(tmp_path, out)], env=env_for_subprocess(),

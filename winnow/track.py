@@ -276,20 +276,15 @@ def describe(params) -> tuple[dict, dict]:
 
 def _start_parent(params, name: str, tags: dict) -> str:
     import mlflow
+    from mlflow.entities import Param
 
     exp_id = _setup(params)
     values, base = describe(params)
     name = os.environ.get("DVC_EXP_NAME") or name
     client = mlflow.tracking.MlflowClient()
     run = client.create_run(exp_id, run_name=name, tags=base | tags)
-    client.log_batch(run.info.run_id, params=[_Param(k, v) for k, v in values.items()])
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in values.items()])
     return run.info.run_id
-
-
-def _Param(k, v):
-    from mlflow.entities import Param
-
-    return Param(k, v)
 
 
 @contextlib.contextmanager
@@ -314,7 +309,7 @@ def pipeline_run(params, name: str = "pipeline"):
             os.environ[PARENT_ENV] = old
 
 
-def current_parent(params) -> tuple[str, bool]:
+def current_parent(params, exp_id: str | None = None) -> tuple[str, bool]:
     """(parent run id, whether the stages own it). From ``WINNOW_PARENT_RUN_ID`` when a caller made
     one; else the parent of this ``dvc repro`` / ``dvc exp run`` (found by its execution tag, made
     by the first stage that runs)."""
@@ -322,7 +317,7 @@ def current_parent(params) -> tuple[str, bool]:
 
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV], False
-    exp_id = _setup(params)
+    exp_id = exp_id or _setup(params)
     key = execution_key()
     client = mlflow.tracking.MlflowClient()
     found = client.search_runs([exp_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{key}'", max_results=1)
@@ -339,7 +334,7 @@ def stage_run(stage: str, params, sections: list[str]):
     import mlflow
 
     exp_id = _setup(params)
-    parent, owned = current_parent(params)
+    parent, owned = current_parent(params, exp_id)
     client = mlflow.tracking.MlflowClient()
     if owned:
         client.update_run(parent, status="RUNNING")
@@ -379,6 +374,8 @@ def log_cached_stages(parent: str, params, stages: dict[str, list[str]], metrics
     """A child run, tagged ``winnow.cached``, for each stage of ``stages`` ({name: params sections})
     that has none under ``parent``: DVC skipped it or restored its outputs from the run-cache, so
     its metrics are those of the outputs on disk (``metrics_of(stage)``). Returns the stages logged."""
+    import time
+
     import mlflow
     from mlflow.entities import Metric, Param
 
@@ -392,8 +389,6 @@ def log_cached_stages(parent: str, params, stages: dict[str, list[str]], metrics
             continue
         run = client.create_run(exp_id, run_name=stage, tags={
             "winnow.stage": stage, "winnow.kind": "stage", "winnow.cached": "true", "mlflow.parentRunId": parent})
-        import time
-
         now = int(time.time() * 1000)
         client.log_batch(run.info.run_id,
                          metrics=[Metric(k, v, now, 0) for k, v in _numeric(metrics_of(stage)).items()],
