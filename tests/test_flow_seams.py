@@ -4,6 +4,7 @@ byte; a stage's config error (exit 2) is not retried, any other failure is; the 
 refuses a second run; DVC's git hints stay out of the logs; the served deployment runs one flow
 run at a time."""
 import copy
+import os
 import subprocess
 
 import pytest
@@ -112,6 +113,17 @@ def test_any_other_stage_failure_is_retried(in_project):
     exc = _exception(state)
     assert isinstance(exc, StageFailed) and exc.exit_code == 3
     assert (proj / "boom.log").read_text() == "xx"
+
+
+def test_a_flow_run_leaves_its_store_out_of_the_environment(in_project, monkeypatch):
+    """The flow runs in a long-lived process (a served deployment, a test session): the next run's
+    stages, in another project, must not inherit this one's MLflow store (MLflow exports it)."""
+    from flows.pipeline import pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    in_project(3)
+    pipeline(return_state=True)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_the_workspace_lock_refuses_a_second_run(in_project):

@@ -24,6 +24,8 @@ def _client(project):
 def _parents(project) -> dict:
     client, exp = _client(project)
     runs = client.search_runs([exp], filter_string="tags.`winnow.kind` = 'pipeline'")
+    names = [r.info.run_name for r in runs]
+    assert len(names) == len(set(names)), f"an execution split into several parents: {sorted(names)}"
     return {r.info.run_name: r for r in runs}
 
 
@@ -57,7 +59,7 @@ def test_each_experiment_point_is_one_parent_run(swept_project):
         # marked cached. (Other stages may be restored from the run-cache that the session's projects
         # share, when another test already ran them with the same inputs: cached too.)
         cached = {s for s, r in kids.items() if r.data.tags.get("winnow.cached") == "true"}
-        assert {"pool", "tasks"} <= cached and "report" not in cached and "check" not in cached
+        assert {"pool", "tasks"} <= cached and "report" not in cached
         if name == POINTS[-1][0]:   # the workspace holds the last point's outputs: cached = their metrics
             for stage in cached:
                 record = json.loads((swept_project / f"reports/stages/{stage}.json").read_text())
@@ -131,14 +133,14 @@ def test_dvc_metrics_hold_only_the_headline(swept_project):
     assert "average" in diff.stdout
 
 
-def test_clean_clones_reproduce_the_committed_pool(tmp_path):
-    """Two fresh projects with the shipped params.yaml, with different BLAS thread counts, write a
-    data/pool whose DVC hash is the committed dvc.lock's."""
+def test_a_clean_clone_reproduces_the_committed_pool(tmp_path):
+    """A fresh project with the shipped params.yaml, on one BLAS thread, writes a data/pool whose DVC
+    hash is the committed dvc.lock's (test_determinism varies threads and kernels at micro size)."""
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
     want = next(o["md5"] for o in lock["stages"]["pool"]["outs"] if o["path"] == "data/pool")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     got = []
-    for i, threads in enumerate(("1", "2")):
+    for i, threads in enumerate(("1",)):
         proj = make_project(tmp_path / f"clone{i}", params)
         env = {k: threads for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         old = {k: os.environ.get(k) for k in env}
@@ -150,7 +152,7 @@ def test_clean_clones_reproduce_the_committed_pool(tmp_path):
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         mine = yaml.safe_load((proj / "dvc.lock").read_text())
         got.append(next(o["md5"] for o in mine["stages"]["pool"]["outs"] if o["path"] == "data/pool"))
-    assert got == [want, want]
+    assert got == [want]
 
 
 def _tree(project, paths=("data/pool", "data/filter", "models/clip", "reports/eval")) -> dict:

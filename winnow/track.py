@@ -137,7 +137,14 @@ def _setup(params) -> str:
 
     _quiet()
     uri = tracking_uri(params.tracking.uri)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI to the environment: in a process that runs several projects (a
+    # Prefect worker, a test session) one project's store would become the next one's stages' store
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     if (db := _local_sqlite(uri)) and db.parent == Path.cwd().resolve():   # the project's own store
         relocate_artifacts(db)
     # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, which every child process (another
@@ -230,10 +237,21 @@ def execution_key() -> str:
     for proc in me.parents():
         try:
             if _is_dvc(proc.cmdline()):
-                return f"dvc:{proc.pid}:{proc.create_time():.3f}"
+                return f"dvc:{proc.pid}:{_started(proc)}"
         except psutil.Error:
             continue
-    return f"process:{me.pid}:{me.create_time():.3f}"
+    return f"process:{me.pid}:{_started(me)}"
+
+
+def _started(proc) -> str:
+    """When ``proc`` started, the same in every process that asks: on Linux the kernel's start time
+    in clock ticks since boot (psutil's ``create_time`` adds the boot time, which it re-reads and which
+    can move by a second between processes, and one execution would get two keys)."""
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return f"{proc.create_time():.3f}"
 
 
 def git_commit() -> str | None:
