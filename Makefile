@@ -39,8 +39,9 @@ check: $(STAMP)
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# two workers (the CI machine has 2 cores); the tests of the built project are one group (tests/conftest.py)
 test: $(STAMP) $(I2D)/.installed chromium
-	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q
+	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(STAMP) $(I2D)/.installed
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow"

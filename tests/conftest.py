@@ -13,6 +13,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("WINNOW_PARENT_RUN_ID", None)
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):     # each worker its own Prefect database (sqlite)
+    import tempfile
+
+    os.environ["PREFECT_HOME"] = os.path.join(tempfile.gettempdir(), f"winnow-tests-prefect-{worker}")
 
 # `python -m pytest` (make test) has the repository root on sys.path; a bare `pytest` has only tests/
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -21,6 +25,24 @@ if _ROOT not in sys.path:
 
 from tests.fixtures.datacomp_pool import datacomp_pool  # noqa: E402,F401  (session fixture, for every module)
 from tests.helpers import MICRO_PARAMS, POINTS, copy_project, dvc, git, make_project, winnow  # noqa: E402
+
+
+# The tests that read the session's built project, copy it or sweep it: one xdist group, so that
+# `make test` (pytest-xdist, --dist loadgroup) builds it once, and first, as it is the longest.
+BUILT = {"built", "project", "swept", "swept_project"}
+
+
+@pytest.hookimpl(tryfirst=True)     # before xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(config, items):
+    """An xdist group for every test: ``built`` for those that use the built project, else its
+    module (a module's own fixtures are built once). Under xdist the built group is dispatched first."""
+    def uses_built(item):        # conftest's built project, not a module's own fixture of that name
+        return BUILT & set(item.fixturenames) and not hasattr(item.module, "built")
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("built" if uses_built(item) else item.module.__name__))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: not uses_built(item))
 
 
 @pytest.fixture(scope="session")
