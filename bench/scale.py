@@ -147,11 +147,11 @@ def run_winnow_stage(stage: str, proj: Path) -> int:
         import stages.filter as st
 
         return st.body(p)["pool_size"]
-    from winnow.pool import uids as U
     from winnow.pool.view import Pool
     from winnow.reshard import plan
 
-    return plan(Pool.open("data/pool"), U.load("data/filter/uids.npy"))["pool_rows"]
+    with plan(Pool.open("data/pool"), "data/filter/uids.npy", spill_root=".winnow/work") as where:  # as the stage runs it
+        return where["pool_rows"]
 
 
 # -------------------------------------------------------------------------------------------- DataComp

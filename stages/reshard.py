@@ -14,11 +14,11 @@ OUT = "data/subset"
 
 
 def body(p: Params) -> dict:
-    subset = U.load("data/filter/uids.npy")
+    subset = U.SortedUids("data/filter/uids.npy")      # read a slice at a time
     pool = Pool.open("data/pool")
-    where = plan(pool, subset)       # which shards hold the subset: one shard's uids at a time
-    meta = reshard(pool, subset, OUT, shard_size=p.pool.shard_size,
-                   work_root=WORK_ROOT, where=where)   # closed output shards survive a kill
+    with plan(pool, subset, spill_root=WORK_ROOT) as where:     # which shards hold the subset, in bounded memory
+        meta = reshard(pool, subset, OUT, shard_size=p.pool.shard_size,
+                       work_root=WORK_ROOT, where=where)   # closed output shards survive a kill
     E = expect()
     gate = Gate("reshard")
     # uids whose image never downloaded are expected on real pools (the resharder warns); on a

@@ -123,6 +123,39 @@ def test_plan_locates_the_subset_and_names_what_the_pool_lacks(demo_pool, tmp_pa
     assert meta["output_count"] == 15 and meta["uids_not_found"] == 0
 
 
+@pytest.mark.parametrize("part_rows", [40, 1 << 20])
+def test_plan_in_partitions_agrees_with_a_whole_subset_lookup(demo_pool, tmp_path, monkeypatch, part_rows):
+    """Byte partitions of any size give what one dict over the whole subset gives: per-shard counts,
+    what the pool lacks (examples in subset order), and the resharder's bytes and meta."""
+    from winnow import reshard as R
+
+    pool = Pool.open(str(demo_pool))
+    rng = np.random.default_rng(part_rows)
+    pool_uids = {s: pq.read_table(demo_pool / f"{s}.parquet", columns=["uid"])["uid"].to_pylist() for s in pool.shards}
+    every = [u for us in pool_uids.values() for u in us]
+    picked = list(rng.choice(every, 150, replace=False)) + list(rng.choice(every, 40)) + _hexes(rng, 12)
+    subset = U.hex_to_array(picked)
+    U.save(tmp_path / "uids.npy", subset)
+    copies = pd.Series(picked).value_counts().to_dict()
+    want_shard = {s: sum(copies.get(u, 0) for u in us) for s, us in pool_uids.items()}
+    stranger = sorted({u for u in picked if u not in set(every)})
+    monkeypatch.setattr(R, "PART_ROWS", part_rows)
+    with plan(pool, str(tmp_path / "uids.npy"), examples=3) as where:
+        assert where["per_shard"] == {s: c for s, c in want_shard.items() if c}
+        assert where["not_in_pool"] == len([u for u in picked if u in stranger])
+        assert where["not_in_pool_examples"] == stranger[:3]
+        assert where["pool_rows"] == len(every) and where["selected"] == len(picked)
+        meta = reshard(pool, str(tmp_path / "uids.npy"), str(tmp_path / "out"), shard_size=64, where=where)
+    assert meta["output_count"] == len(picked) - where["not_in_pool"]
+    assert meta["uids_not_found"] == where["not_in_pool"] and meta["input_uids"] == len(picked)
+    assert (tmp_path / "out" / "sample_ids.npy").read_bytes() == (tmp_path / "uids.npy").read_bytes()
+    monkeypatch.setattr(R, "PART_ROWS", 1 << 20)
+    ref = reshard(pool, subset, str(tmp_path / "ref"), shard_size=64)     # in-memory subset, its own plan
+    assert ref == meta
+    for f in sorted((tmp_path / "ref").iterdir()):
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_unsynced_work_dir_from_before_a_reboot_is_discarded(tmp_path, monkeypatch):
     if jobs.UNIT_DURABLE:
         pytest.skip("no boot id here: unit files are fsynced")

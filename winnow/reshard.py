@@ -19,63 +19,164 @@ from winnow.pool import uids as U
 from winnow.pool.view import Pool
 
 
-def reshard(pool: Pool, subset: np.ndarray, out: str, shard_size: int = 10000, work_root: str | None = None,
-            where: dict | None = None) -> dict:
-    """Write the subset under ``out`` (atomic), reading only the image shards that hold selected
-    samples (``where``: the subset's :func:`plan`, computed here when not given). With
-    ``work_root``, output shards are built in the
+def reshard(pool: Pool, subset, out: str, shard_size: int = 10000, work_root: str | None = None,
+            where: "Placement | None" = None) -> dict:
+    """Write the subset (a sorted uid array, or the path of its ``.npy``) under ``out`` (atomic),
+    reading only the image shards that hold selected samples (``where``: this subset's
+    :func:`plan`, made here when not given). With ``work_root``, output shards are built in the
     job's work directory (keyed by the pool's content, the subset, the shard size and the code),
     each unit an output shard marked complete when closed: a killed run resumes after the last
     complete shard (the input is re-read up to that point, nothing finished is re-written), and the
     result is byte-identical to an uninterrupted run."""
-    U.check_subset(subset)
+    subset = subset if isinstance(subset, U.SortedUids) else U.SortedUids(subset)
     tmp_root = None if work_root else tempfile.mkdtemp(prefix="winnow-reshard-")
+    own = where is None
+    where = where or plan(pool, subset)
     try:
         work = jobs.WorkDir("reshard", work_key(pool, subset, shard_size), work_root or tmp_root)
         with atomic_dir(out) as tmp:
-            meta = _write(pool, subset, work, shard_size, (where or plan(pool, subset))["image_shards"])
+            meta = _write(pool, subset, work, shard_size, where)
             for f in sorted(work.path.glob("*.tar")):
                 os.replace(f, tmp / f.name)
             for name in ("sample_ids.npy", "meta.json"):
                 os.replace(work / name, tmp / name)
         work.release()
     finally:
+        if own:
+            where.close()
         if tmp_root:
             shutil.rmtree(tmp_root, ignore_errors=True)
     return meta
 
 
-def plan(pool: Pool, subset: np.ndarray, examples: int = 5) -> dict:
-    """Where the subset lies in the pool, one shard's uid column at a time: per shard how many
-    selected samples it holds (copies counted), the image shards that hold any (the only tars the
-    resharder opens), and the selected uids the pool lacks (count and a few examples). Memory: the
-    subset and its search keys (32 bytes per selected entry, as the resharder's own lookup needs
-    the subset whole), two flags per entry and one shard."""
-    U.check_subset(subset)
-    found = np.zeros(len(subset), bool)      # at the first entry of each selected uid the pool holds
-    keys = U.byte_keys(subset)
-    per_shard, rows = {}, 0
-    for shard in tqdm(pool.shards, desc="reshard plan", unit="shard", disable=len(pool.shards) < 2):
-        q = U.hex_to_array(shards.read_meta(pool.uri, shard, columns=["uid"])["uid"], sort=False)   # from Arrow's buffer
-        rows += len(q)
-        lo, hi = U.search(keys, q)
-        if (n := int((hi - lo).sum())):
-            per_shard[shard] = n
-            found[lo[hi > lo]] = True
-    first = np.ones(len(keys), bool)        # an entry that starts its uid's run of copies
-    first[1:] = keys[1:] != keys[:-1]
-    del keys
-    missing = np.flatnonzero(first & ~found)
-    lacking = len(subset) - sum(per_shard.values())     # entries, copies counted (pool uids are unique: its gate)
-    image_shards = set().union(*(pool.image_shards(s) for s in per_shard)) if per_shard else set()
-    return {"pool_rows": rows, "selected": int(len(subset)), "per_shard": per_shard,
-            "image_shards": [s for s in pool.all_image_shards() if s in image_shards],
-            "not_in_pool": int(max(lacking, len(missing))),
-            "not_in_pool_examples": U.array_to_hex(subset[missing[:examples]]).tolist()}
+# Partitions by a uid's leading byte: uids are hashes, so each holds ~1/256 of pool and subset.
+# plan() processes runs of them of at most PART_ROWS pool rows + subset entries at a time.
+PART_ROWS = 1 << 20
+_SELECTED = np.dtype([("f0", "u8"), ("f1", "u8"), ("copies", "u8")])
 
 
-def work_key(pool: Pool, subset: np.ndarray, shard_size: int) -> jobs.Key:
-    return (jobs.Key("reshard").params(manifest=pool.manifest, shard_size=shard_size, subset=U.digest(subset))
+class Placement:
+    """Where a subset lies in the pool (:func:`plan`): the summary as mapping keys (``pool_rows``,
+    ``selected``, ``per_shard``, ``image_shards``, ``not_in_pool``, ``not_in_pool_examples``) and,
+    spilled to a temp file, each pool shard's selected uids with their copies, which the resharder
+    reads one shard at a time. ``close()`` deletes the spill."""
+
+    def __init__(self, summary: dict, spill_dir: str, index: np.ndarray, shards: list[str]):
+        self.summary, self._dir, self._index = summary, spill_dir, index
+        self._shard_pos = {s: i for i, s in enumerate(shards)}
+
+    def __getitem__(self, key):
+        return self.summary[key]
+
+    def selected(self, shard: str) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's selected uids (sorted byte keys) and how many copies of each the subset holds."""
+        k = self._shard_pos[shard]
+        parts = [np.fromfile(os.path.join(self._dir, "selected"), _SELECTED, count=int(b - a),
+                             offset=int(a) * _SELECTED.itemsize)
+                 for a, b in zip(self._index[:, k], self._index[:, k + 1]) if b > a]
+        rows = np.concatenate(parts) if parts else np.zeros(0, _SELECTED)
+        uids = np.empty(len(rows), U.UID_DTYPE)
+        uids["f0"], uids["f1"] = rows["f0"], rows["f1"]
+        order = np.argsort(keys := U.byte_keys(uids), kind="stable")
+        return keys[order], rows["copies"][order].astype(np.int64)
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def plan(pool: Pool, subset, examples: int = 5, spill_root: str | None = None) -> Placement:
+    """Where the subset (a sorted uid array, or its ``.npy`` path) lies in the pool: per shard how
+    many selected samples it holds (copies counted), the image shards that hold any (the only tars
+    the resharder opens), and the selected uids the pool lacks (count and a few examples).
+
+    Memory stays flat as pool and subset grow: the pool's uids are read one shard at a time and
+    spilled to disk grouped by leading byte; then each run of byte partitions (at most PART_ROWS
+    rows) is matched against the same partitions of the subset, read as a slice of its file."""
+    subset = subset if isinstance(subset, U.SortedUids) else U.SortedUids(subset)
+    if spill_root:
+        os.makedirs(spill_root, exist_ok=True)
+    spill = tempfile.mkdtemp(prefix="winnow-plan-", dir=spill_root)
+    try:
+        return _plan(pool, subset, examples, spill)
+    except BaseException:
+        shutil.rmtree(spill, ignore_errors=True)
+        raise
+
+
+def _plan(pool: Pool, subset: U.SortedUids, examples: int, spill: str) -> Placement:
+    # pass 1: every pool shard's uids, sorted by leading byte, appended to one file; index[k, b] is
+    # where shard k's uids with leading byte b start
+    index = np.zeros((len(pool.shards), 257), np.int64)
+    at = 0
+    with open(os.path.join(spill, "pool"), "wb") as fh:
+        for k, shard in enumerate(tqdm(pool.shards, desc="reshard plan", unit="shard",
+                                       disable=len(pool.shards) < 2)):
+            q = U.hex_to_array(shards.read_meta(pool.uri, shard, columns=["uid"])["uid"], sort=False)
+            lead = (q["f0"] >> np.uint64(56)).astype(np.intp)
+            fh.write(q[np.argsort(lead, kind="stable")].tobytes())
+            index[k] = at + np.concatenate([[0], np.cumsum(np.bincount(lead, minlength=256))])
+            at += len(q)
+    rows = at
+    # pass 2: runs of byte partitions, pool side and subset side together
+    per_byte = (index[:, 1:] - index[:, :-1]).sum(axis=0) + subset.per_byte
+    runs, b = [], 0
+    while b < 256:
+        e, size = b + 1, per_byte[b]
+        while e < 256 and size + per_byte[e] <= PART_ROWS:
+            size += per_byte[e]
+            e += 1
+        runs.append((b, e))
+        b = e
+    per_shard = np.zeros(len(pool.shards), np.int64)
+    sel_index = np.zeros((len(runs), len(pool.shards) + 1), np.int64)    # per run, per shard: its selected rows
+    missing, missing_examples, written = 0, [], 0
+    with open(os.path.join(spill, "selected"), "wb") as out:
+        for r, (b, e) in enumerate(runs):
+            n = index[:, e] - index[:, b]
+            parts = [np.fromfile(os.path.join(spill, "pool"), U.UID_DTYPE, count=int(c),
+                                 offset=int(index[k, b]) * U.UID_DTYPE.itemsize)
+                     for k, c in enumerate(n) if c]
+            q = np.concatenate(parts) if parts else np.zeros(0, U.UID_DTYPE)
+            owner = np.repeat(np.arange(len(pool.shards)), n)
+            sub = subset.read(int(subset.byte_starts[b]), int(subset.byte_starts[e]))
+            keys = U.byte_keys(sub)
+            lo, hi = U.search(keys, q)
+            copies = hi - lo
+            per_shard += np.bincount(owner, weights=copies, minlength=len(pool.shards)).astype(np.int64)
+            hit = copies > 0
+            found = np.zeros(len(sub), bool)      # at the first entry of each selected uid the pool holds
+            found[lo[hit]] = True
+            first = np.ones(len(keys), bool)        # an entry that starts its uid's run of copies
+            first[1:] = keys[1:] != keys[:-1]
+            lacks = np.flatnonzero(first & ~found)
+            missing += len(lacks)
+            if len(missing_examples) < examples:
+                missing_examples += U.array_to_hex(sub[lacks[: examples - len(missing_examples)]]).tolist()
+            rec = np.empty(int(hit.sum()), _SELECTED)
+            rec["f0"], rec["f1"], rec["copies"] = q["f0"][hit], q["f1"][hit], copies[hit]
+            out.write(rec.tobytes())                 # grouped by shard: q is in shard order
+            sel_index[r] = written + np.concatenate([[0], np.cumsum(np.bincount(owner[hit],
+                                                                              minlength=len(pool.shards)))])
+            written += len(rec)
+    os.remove(os.path.join(spill, "pool"))
+    holding = [s for s, c in zip(pool.shards, per_shard) if c]
+    lacking = len(subset) - int(per_shard.sum())     # entries, copies counted (pool uids are unique: its gate)
+    image_shards = set().union(*(pool.image_shards(s) for s in holding)) if holding else set()
+    summary = {"pool_rows": rows, "selected": len(subset),
+               "per_shard": {s: int(c) for s, c in zip(pool.shards, per_shard) if c},
+               "image_shards": [s for s in pool.all_image_shards() if s in image_shards],
+               "not_in_pool": int(max(lacking, missing)), "not_in_pool_examples": missing_examples}
+    return Placement(summary, spill, sel_index, list(pool.shards))
+
+
+def work_key(pool: Pool, subset: U.SortedUids, shard_size: int) -> jobs.Key:
+    return (jobs.Key("reshard").params(manifest=pool.manifest, shard_size=shard_size, subset=subset.digest())
             .files(images=pool.images_uri).code(__name__))
 
 
@@ -90,13 +191,19 @@ def _complete(work) -> list[int]:
     return counts
 
 
-def _write(pool: Pool, subset: np.ndarray, work, shard_size: int, image_shards: list[str]) -> dict:
+def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Placement) -> dict:
+    """The image tars in order; each tar's samples are looked up in the selected uids of the pool
+    shards it belongs to (read from the plan's spill, one shard at a time, dropped after its last tar)."""
     import webdataset as wds
 
     build = work.path
-    found = written = 0
-    seen = np.zeros(len(subset), bool)
-    keys = U.byte_keys(subset)       # once: every tar's uids are searched in them
+    found = written = seen_entries = 0
+    owners: dict[str, list[str]] = {}            # image tar -> the pool shards whose samples it holds
+    for s in where["per_shard"]:
+        for t in pool.image_shards(s):
+            owners.setdefault(t, []).append(s)
+    last_tar = {s: t for t in where["image_shards"] for s in owners.get(t, [])}
+    loaded: dict[str, list] = {}                 # shard -> [keys, copies, seen]
     counts = _complete(work)
     skip = sum(counts)           # samples already in closed output shards
     sink = None
@@ -106,40 +213,58 @@ def _write(pool: Pool, subset: np.ndarray, work, shard_size: int, image_shards: 
         work.mark(f"{len(counts) - 1:08d}", {"count": counts[-1]})
 
     unreadable = []
-    for shard in tqdm(image_shards, desc="reshard", unit="shard"):   # the tars that hold selected samples
+    for tar in tqdm(where["image_shards"], desc="reshard", unit="shard"):   # the tars that hold selected samples
+        mine = owners.get(tar, [])
+        for s in mine:
+            if s not in loaded:
+                keys, copies = where.selected(s)
+                loaded[s] = [keys, copies, np.zeros(len(keys), bool)]
         samples = []
         try:
-            for s in shards.iter_tar(pool.images_uri, shard):
-                if U.is_valid_hex(str(s["json"].get("uid", ""))):
-                    samples.append(s)
+            for x in shards.iter_tar(pool.images_uri, tar):
+                if U.is_valid_hex(str(x["json"].get("uid", ""))):
+                    samples.append(x)
         except shards.ShardError as exc:   # a truncated tar: what precedes the cut is written, the rest counted
             unreadable.append(str(exc))
-        if not samples:
-            continue
-        lo, hi = U.search(keys, U.hex_to_array([s["json"]["uid"] for s in samples], sort=False))
-        for s, a, b in zip(samples, lo, hi):
-            if b == a:
-                continue
-            seen[a:b] = True
-            found += 1
-            uid = s["json"]["uid"]
-            for j in range(b - a):
-                written += 1
-                if written <= skip:
+        if samples and mine:
+            q = U.byte_keys(U.hex_to_array([x["json"]["uid"] for x in samples], sort=False))
+            hits = [None] * len(samples)
+            for s in mine:
+                keys, copies, seen = loaded[s]
+                at = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
+                match = np.flatnonzero((keys[at] == q) if len(keys) else np.zeros(len(q), bool))
+                for i in match:
+                    hits[i] = (seen, int(at[i]), int(copies[at[i]]))
+            for x, h in zip(samples, hits):
+                if h is None:
                     continue
-                if sink is None or counts[-1] >= shard_size:
-                    if sink is not None:
-                        close()
-                    sink = wds.TarWriter(str(build / f"{len(counts):08d}.tar"), mtime=shards.FIXED_MTIME)
-                    counts.append(0)
-                sink.write({"__key__": f"{uid}-{j}", "jpg": s["jpg"], "txt": s["txt"], "json": s["json"]})
-                counts[-1] += 1
+                seen, i, n = h
+                seen[i] = True
+                found += 1
+                uid = x["json"]["uid"]
+                for j in range(n):
+                    written += 1
+                    if written <= skip:
+                        continue
+                    if sink is None or counts[-1] >= shard_size:
+                        if sink is not None:
+                            close()
+                        sink = wds.TarWriter(str(build / f"{len(counts):08d}.tar"), mtime=shards.FIXED_MTIME)
+                        counts.append(0)
+                    sink.write({"__key__": f"{uid}-{j}", "jpg": x["jpg"], "txt": x["txt"], "json": x["json"]})
+                    counts[-1] += 1
+        for s in mine:
+            if last_tar.get(s) == tar:                # the shard's last tar: its selection is done
+                keys, copies, seen = loaded.pop(s)
+                seen_entries += int(copies[seen].sum())
     if sink is not None:
         close()
-    U.save(build / "sample_ids.npy", subset)
+    for keys, copies, seen in loaded.values():
+        seen_entries += int(copies[seen].sum())
+    subset.save(build / "sample_ids.npy")
     meta = {"output_shard_count": len(counts), "output_count": written,
-            "output_shard_format": "{:08d}.tar", "input_uids": int(len(subset)),
-            "unique_uids_found": found, "uids_not_found": int((~seen).sum()),
+            "output_shard_format": "{:08d}.tar", "input_uids": len(subset),
+            "unique_uids_found": found, "uids_not_found": len(subset) - seen_entries,
             "unreadable_tars": unreadable, "shard_sizes": counts}
     write_json(build / "meta.json", meta)
     return meta

@@ -160,3 +160,82 @@ def multiplicity(subset: np.ndarray, query: np.ndarray) -> np.ndarray:
     """How many times each ``query`` uid occurs in the sorted ``subset`` (0 = not selected)."""
     lo, hi = search(subset, query)
     return hi - lo
+
+
+class SortedUids:
+    """A sorted ``u8,u8`` subset read a slice at a time: an ``.npy`` path (DataComp's uids file,
+    read with plain file reads, so no more of it is resident than the slice asked for) or an array.
+    Opening checks dtype and order one chunk at a time and counts the entries per leading uid byte
+    (the partitions :func:`winnow.reshard.plan` works in)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, src):
+        self._arr, self._path, self._offset = None, None, 0
+        if isinstance(src, np.ndarray):
+            check_subset(src)
+            self._arr, n = src, len(src)
+        else:
+            from winnow.io import local
+
+            self._path = local(src)
+            with open(self._path, "rb") as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(fh)
+                except ValueError as exc:
+                    raise UidError(f"{src} is not an .npy file: {exc}") from None
+                self._offset = fh.tell()
+            if dtype != UID_DTYPE or len(shape) != 1 or fortran:
+                raise UidError(f"uid array dtype is {dtype} (shape {shape}), expected 1-D {UID_DTYPE} "
+                               "(upper, lower 64 bits)")
+            n = shape[0]
+            if self._path.stat().st_size < self._offset + n * UID_DTYPE.itemsize:
+                raise UidError(f"{src} is truncated: its header says {n} uids")
+        self.n = n
+        self.per_byte = np.zeros(256, np.int64)     # entries whose uid starts with each byte
+        last = None
+        for _, part in self.chunks():
+            if last is not None and len(part) and \
+                    (part["f0"][0], part["f1"][0]) < (last["f0"], last["f1"]):
+                raise UidError("uid array is not sorted; the resharder needs np.sort order")
+            check_subset(part)
+            self.per_byte += np.bincount((part["f0"] >> np.uint64(56)).astype(np.intp), minlength=256)
+            last = part[-1] if len(part) else last
+        self.byte_starts = np.concatenate([[0], np.cumsum(self.per_byte)])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._arr is not None:
+            return self._arr[start:stop]
+        return np.fromfile(self._path, UID_DTYPE, count=max(0, stop - start),
+                           offset=self._offset + start * UID_DTYPE.itemsize)
+
+    def chunks(self, rows: int | None = None):
+        rows = rows or self.CHUNK
+        for start in range(0, self.n, rows):
+            yield start, self.read(start, min(self.n, start + rows))
+
+    def digest(self) -> str:
+        """:func:`digest` of the whole array, computed a chunk at a time."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for _, part in self.chunks():
+            h.update(np.ascontiguousarray(part).tobytes())
+        return h.hexdigest()
+
+    def save(self, path) -> None:
+        """The bytes :func:`save` writes for the whole array, written a chunk at a time."""
+        from winnow.io import atomic_file
+
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(UID_DTYPE),
+                                                          "fortran_order": False, "shape": (self.n,)})
+                for _, part in self.chunks():
+                    fh.write(np.ascontiguousarray(part).tobytes())
