@@ -395,9 +395,9 @@ def main() -> None:
             row["throughput_ratio_decisions_false"] = row["winnow"]["filter/decisions=false"]["samples_per_s"] / dc
             row["same_uids"] = (proj / "data" / "filter" / "uids.npy").read_bytes() == (dc_out / "uids.npy").read_bytes()
             row["funnel"] = json.loads((proj / "reports" / "filter" / "funnel.json").read_text())
-            row["funnel"] = {"kept": row["funnel"]["kept_unique"],
-                             "steps": {s["step"]: {"decided": s["decided"], "kept_after": s["kept_after"],
-                                                   "seconds": s["seconds"]} for s in row["funnel"]["steps"]}}
+            row["funnel"] = {"kept": row["funnel"]["kept_unique"],        # (step seconds are in MLflow only)
+                             "steps": {s["step"]: {"decided": s["decided"], "kept_after": s["kept_after"]}
+                                       for s in row["funnel"]["steps"]}}
             if "language" in row["funnel"]["steps"]:   # fastText's own time on what reaches it, over the workers
                 row["language_id_bound_s"] = (res["bounds"]["fasttext_us_per_caption"] * 1e-6
                                               * row["funnel"]["steps"]["language"]["decided"] / args.workers)
