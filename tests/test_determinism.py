@@ -1,8 +1,8 @@
 """A reproducible baseline: the same params give the same bytes, whatever the machine's BLAS kernel
 and thread count. The demo pool sums its scores and norms exactly (``winnow.demo.pool.exact_dot``),
 not through BLAS, whose summation order depends on the CPU's SIMD width and the threads; training
-fixes its sample shuffle's seed and its CPU thread count (``winnow.train``). Two copies of the project,
-run with different thread counts (and, on x86, different OpenBLAS kernels), must produce the same
+fixes its sample shuffle's seed and its CPU thread count (``winnow.train``). The session's built project
+and a fresh one run on one thread (and, on x86, another OpenBLAS kernel) must produce the same
 outputs for every stage up to the resharded subset, so ``dvc repro`` on a clean clone leaves dvc.lock
 as committed (wall times go to MLflow only, never into an output)."""
 import hashlib
