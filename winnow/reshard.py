@@ -227,14 +227,13 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
         except shards.ShardError as exc:   # a truncated tar: what precedes the cut is written, the rest counted
             unreadable.append(str(exc))
         if samples and mine:
-            q = U.byte_keys(U.hex_to_array([x["json"]["uid"] for x in samples], sort=False))
+            q = U.hex_to_array([x["json"]["uid"] for x in samples], sort=False)
             hits = [None] * len(samples)
             for s in mine:
                 keys, copies, seen = loaded[s]
-                at = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
-                match = np.flatnonzero((keys[at] == q) if len(keys) else np.zeros(len(q), bool))
-                for i in match:
-                    hits[i] = (seen, int(at[i]), int(copies[at[i]]))
+                lo, hi = U.search(keys, q)            # a shard's selected uids are unique: hi - lo is 0 or 1
+                for i in np.flatnonzero(hi > lo):
+                    hits[i] = (seen, int(lo[i]), int(copies[lo[i]]))
             for x, h in zip(samples, hits):
                 if h is None:
                     continue

@@ -5,6 +5,7 @@ resharder can ``searchsorted``; duplicates are kept because they mean up-samplin
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
 import numpy as np
@@ -116,8 +117,6 @@ def check_subset(arr: np.ndarray) -> None:
 
 def digest(arr: np.ndarray) -> str:
     """A hash of a uid array's bytes (a job key's identity of a subset)."""
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
@@ -196,6 +195,7 @@ class SortedUids:
                 raise UidError(f"{src} is truncated: its header says {n} uids")
         self.n = n
         self.per_byte = np.zeros(256, np.int64)     # entries whose uid starts with each byte
+        h = hashlib.sha256()                         # digest(): the same bytes, hashed on this one pass
         last = None
         for _, part in self.chunks():
             if last is not None and len(part) and \
@@ -203,8 +203,10 @@ class SortedUids:
                 raise UidError("uid array is not sorted; the resharder needs np.sort order")
             check_subset(part)
             self.per_byte += np.bincount((part["f0"] >> np.uint64(56)).astype(np.intp), minlength=256)
+            h.update(np.ascontiguousarray(part).tobytes())
             last = part[-1] if len(part) else last
         self.byte_starts = np.concatenate([[0], np.cumsum(self.per_byte)])
+        self._digest = h.hexdigest()
 
     def __len__(self) -> int:
         return self.n
@@ -221,13 +223,8 @@ class SortedUids:
             yield start, self.read(start, min(self.n, start + rows))
 
     def digest(self) -> str:
-        """:func:`digest` of the whole array, computed a chunk at a time."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for _, part in self.chunks():
-            h.update(np.ascontiguousarray(part).tobytes())
-        return h.hexdigest()
+        """:func:`digest` of the whole array (hashed a chunk at a time when opened)."""
+        return self._digest
 
     def save(self, path) -> None:
         """The bytes :func:`save` writes for the whole array, written a chunk at a time."""
