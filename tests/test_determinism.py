@@ -1,7 +1,8 @@
 """A reproducible baseline: the same params give the same bytes, whatever the machine's BLAS kernel
 and thread count. The demo pool sums its scores and norms exactly (``winnow.demo.pool.exact_dot``),
 not through BLAS, whose summation order depends on the CPU's SIMD width and the threads; training
-fixes its sample shuffle's seed and its CPU thread count (``winnow.train``). The session's built project
+fixes its sample shuffle's seed and its CPU thread count (``winnow.train``), and torch's CPU kernels
+run one instruction set on every x86 machine (``winnow.kernels``). The session's built project
 and a fresh one run on one thread (and, on x86, another OpenBLAS kernel) must produce the same
 outputs for every stage up to the resharded subset, so ``dvc repro`` on a clean clone leaves dvc.lock
 as committed (wall times go to MLflow only, never into an output)."""
@@ -71,6 +72,30 @@ def test_demo_pool_bytes_do_not_depend_on_blas(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         hashes.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert len(hashes[0]) > 10 and hashes[0] == hashes[1]
+
+
+KERNELS = """
+import os, winnow, torch
+torch.ones(8) @ torch.ones(8)   # the first op: ATen reads its capability here
+print(torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_CBWR"), os.environ.get("ONEDNN_MAX_CPU_ISA"))
+"""
+
+
+def test_torch_runs_one_instruction_set_on_every_x86_machine():
+    """Each of ATen's kernels, MKL's BLAS and oneDNN picks the machine's best instruction set, and
+    each alone changed the demo scorer's checkpoint (AVX-512 vs AVX2, measured): importing winnow
+    pins all three to AVX2, so an AVX-512 and an AVX2 machine write the same bytes. A user's own
+    choice is kept."""
+    from winnow.kernels import PINNED, _has_avx2
+
+    if not _has_avx2():
+        pytest.skip("not x86 with AVX2 + FMA: torch keeps this machine's own kernels")
+    env = {k: v for k, v in env_for_subprocess().items() if k not in PINNED}
+    got = subprocess.run([sys.executable, "-c", KERNELS], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.split() == ["AVX2", "AVX2", "AVX2"]
+    own = subprocess.run([sys.executable, "-c", KERNELS], env=env | {"ATEN_CPU_CAPABILITY": "default"},
+                         capture_output=True, text=True, check=True)
+    assert own.stdout.split() == ["DEFAULT", "AVX2", "AVX2"]
 
 
 def _outs(project: Path) -> dict:
