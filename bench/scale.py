@@ -379,6 +379,8 @@ def main() -> None:
                 label = stage if decisions or stage != "filter" else "filter/decisions=false"
                 if stage == "pool" and pool_stage:   # the same manifest for every case: measured once per size
                     shutil.copytree(pool_stage / "data" / "pool", proj / "data" / "pool", dirs_exist_ok=True)
+                    # and the gate's record that these files passed it (winnow.pool.verified), as in one workspace
+                    shutil.copytree(pool_stage / ".winnow" / "verified", proj / ".winnow" / "verified", dirs_exist_ok=True)
                     continue
                 row["winnow"][label] = measure(sys.executable, ["--child", "winnow", "--stage", stage,
                                                                 "--project", str(proj)])

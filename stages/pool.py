@@ -7,7 +7,7 @@ from winnow import io as wio
 from winnow.config import Params
 from winnow.io import atomic_dir, write_json
 from winnow.demo import pool as demo
-from winnow.pool import checks, datacomp, shards
+from winnow.pool import checks, datacomp, shards, verified
 from winnow.pool.view import Pool
 from winnow.stage import main
 from winnow.validate import Gate
@@ -50,6 +50,7 @@ def body(p: Params) -> dict:
     stats = checks.check_pool(pool, gate, max_unreadable_tars=p.pool.max_unreadable_tars,
                               min_image_fraction=p.pool.min_downloaded if pool.is_download else 0.8)
     gate.finish()
+    verified.record(pool)   # the filter's probe need not read every shard's uids again
     out = {"num_shards": summary["num_shards"], **stats}
     if pool.is_download:
         c = summary["download"]

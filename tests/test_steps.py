@@ -157,3 +157,28 @@ def test_corrupt_shard_fails_naming_it_or_is_quarantined(demo_pool, tmp_path):
     f = run(load_recipe(str(p)), Pool.open(str(bad)), str(tmp_path / "b"))
     assert [q["shard"] for q in f["quarantined_shards"]] == ["00000001"]
     assert f["pool_size"] == 400 and f["kept_unique"] == 121   # rank int(0.3 N) is kept too (>=)
+
+
+def test_a_verified_pool_is_trusted_only_while_its_files_are_unchanged(demo_pool, tmp_path, monkeypatch):
+    """The pool gate's record (winnow.pool.verified) lets the filter's probe skip re-reading every
+    shard's uids; a shard changed since (here its uid pages overwritten) is no longer the file the
+    gate read, so the probe reads it again and finds it corrupt."""
+    import shutil
+
+    from winnow.pool import verified
+
+    monkeypatch.chdir(tmp_path)
+    pool_dir = tmp_path / "pool"
+    shutil.copytree(demo_pool, pool_dir)
+    verified.record(Pool.open(str(pool_dir)))
+    assert verified.is_verified(Pool.open(str(pool_dir)))
+    path = pool_dir / "00000001.parquet"
+    data = bytearray(path.read_bytes())
+    data[8:4000] = b"\xff" * 3992          # the first column chunk (uid); the footer stays readable
+    path.write_bytes(bytes(data))
+    assert not verified.is_verified(Pool.open(str(pool_dir)))
+    steps = [{"step": "clip_score", "embeddings": ["b32_img", "b32_txt"], "fraction": 0.3}]
+    p = tmp_path / "q.yaml"
+    p.write_text(yaml.safe_dump({"name": "q", "corrupt_shards": "quarantine", "steps": steps}))
+    f = run(load_recipe(str(p)), Pool.open(str(pool_dir)), str(tmp_path / "b"))
+    assert [q["shard"] for q in f["quarantined_shards"]] == ["00000001"]

@@ -50,8 +50,10 @@ def reshard(pool: Pool, subset, out: str, shard_size: int = 10000, work_root: st
 
 
 # Partitions by a uid's leading byte: uids are hashes, so each holds ~1/256 of pool and subset.
-# plan() processes runs of them of at most PART_ROWS pool rows + subset entries at a time.
-PART_ROWS = 1 << 20
+# plan() processes runs of them of at most PART_ROWS pool rows + subset entries at a time (about
+# 60 bytes of working arrays each): small enough that DataComp small's 1.28M slice already fills a
+# run, so peak memory is the same at 12.8M (measured: 1 << 20 grew 21% between the two).
+PART_ROWS = 1 << 19
 _SELECTED = np.dtype([("f0", "u8"), ("f1", "u8"), ("copies", "u8")])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from pathlib import Path
 
 PARENT_ENV = "WINNOW_PARENT_RUN_ID"
@@ -432,7 +433,16 @@ def finish_parent(parent: str, metrics: dict, tags: dict, artifacts: list[str]) 
             client.log_artifact(parent, path, artifact_path="report")
 
 
+def _active_run():
+    """The stage's MLflow run, or None: a stage body called outside ``stage_run`` (a benchmark, a test
+    in-process) logs nothing, rather than letting MLflow start a stray run (and pay its import)."""
+    mlflow = sys.modules.get("mlflow")     # not imported: no run can be active
+    return mlflow.active_run() if mlflow else None
+
+
 def log_metrics(metrics: dict, step: int | None = None) -> None:
+    if _active_run() is None:
+        return
     import mlflow
 
     flat = _numeric(metrics)
@@ -444,6 +454,8 @@ def log_curve(curve: list[dict], keys=("loss", "lr", "samples_per_s"), prefix: s
     """Per-step training records, stepped by samples seen, in batches."""
     import time
 
+    if _active_run() is None:
+        return
     import mlflow
     from mlflow.entities import Metric
 
@@ -456,6 +468,8 @@ def log_curve(curve: list[dict], keys=("loss", "lr", "samples_per_s"), prefix: s
 
 
 def log_artifact(path: str) -> None:
+    if _active_run() is None:
+        return
     import mlflow
 
     if os.path.exists(path):
@@ -464,6 +478,8 @@ def log_artifact(path: str) -> None:
 
 def log_table(df, artifact_file: str) -> None:
     """A table artifact of the active run (MLflow's table view)."""
+    if _active_run() is None:
+        return
     import mlflow
 
     mlflow.log_table(df, artifact_file=artifact_file)

@@ -51,7 +51,7 @@ class TopFractionSelect:
     def reduce(self, parts, pass_no: int) -> float | None:
         hist = np.zeros(1 << 16, np.int64)
         for bins, counts in parts:
-            np.add.at(hist, bins, counts)
+            hist[bins] += counts        # a part's bins are unique (np.unique): no repeated index to add twice
         cum = np.cumsum(hist)
         if pass_no == 0:
             n = int(cum[-1])

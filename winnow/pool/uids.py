@@ -167,7 +167,7 @@ class SortedUids:
     Opening checks dtype and order one chunk at a time and counts the entries per leading uid byte
     (the partitions :func:`winnow.reshard.plan` works in)."""
 
-    CHUNK = 1 << 20
+    CHUNK = 1 << 18     # 4 MiB of uids per read: a subset of any size opens in the same memory
 
     def __init__(self, src):
         self._arr, self._path, self._offset = None, None, 0
