@@ -149,8 +149,9 @@ def probe_shards(recipe: Recipe, pool: Pool, executor: Executor = SERIAL) -> tup
     lacks an input the first readable shard has (one the pool lacks altogether is named, with the
     valid choices, by check_requirements)."""
     verified = pool_verified.is_verified(pool)
-    results = list(executor.map(_probe, [(recipe, pool, verified, s) for s in pool.shards],
-                                name=f"filter {recipe.name}: probe"))
+    # a verified pool's probe reads footers only: cheaper in this process than shipped to workers
+    results = list((SERIAL if verified else executor).map(_probe, [(recipe, pool, verified, s) for s in pool.shards],
+                                                          name=f"filter {recipe.name}: probe"))
     errors = [e for e, _ in results]
     first = next((have for e, have in results if e is None), [])
     for k, (e, have) in enumerate(results):
