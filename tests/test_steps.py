@@ -129,7 +129,7 @@ def test_overrides_change_step_fields_and_are_validated():
 def test_every_named_recipe_validates():
     names = recipe_names()
     for need in ("no_filter", "basic", "laion2b", "clip_score_top30", "clip_b32_top30", "clip_l14_top30",
-                 "image_based", "image_based_x_clip", "devil_in_details"):
+                 "image_based", "image_based_x_clip", "devil_in_details", "text_based"):
         assert need in names
     for n in names:
         assert load_recipe(n).name == n

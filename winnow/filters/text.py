@@ -1,7 +1,8 @@
-"""Caption steps: language identification and DataComp's caption length rule."""
+"""Caption steps: language identification, DataComp's caption length rule and its text-based entity match."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -9,7 +10,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import field_validator
 
+from winnow.config import ParamsError
 from winnow.filters.base import Step, register
 
 
@@ -104,3 +107,63 @@ class TextRegex(Step):
             words = "|".join(re.escape(w) for w in self.blocklist)
             drop |= pc.match_substring_regex(text, rf"\b({words})\b", ignore_case=True).to_numpy(zero_copy_only=False)
         return ~drop
+
+
+@functools.lru_cache(maxsize=8)
+def _entity_words(path: str, stamp: tuple[int, int]) -> pa.Array:
+    words = []
+    for no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        w = line.strip()
+        if not w or w.startswith("#"):
+            continue
+        if w != w.lower() or len(w.split()) != 1:     # could never equal a lowercased caption token
+            raise ParamsError(f"text_entity words file {path}:{no}: {w!r} is not one lowercase word")
+        words.append(w)
+    return pa.array(sorted(set(words)), pa.string())
+
+
+def entity_words(path: str) -> pa.Array:
+    """The declared word forms (cached per file version: every shard's verdict reads them)."""
+    try:
+        st = os.stat(path)
+        return _entity_words(str(path), (st.st_mtime_ns, st.st_size))
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise ParamsError(f"text_entity words file {path} cannot be read: {why}") from None
+
+
+@register
+class TextEntity(Step):
+    """DataComp text-based filtering (apply_filter.py, does_contain_text_entity): keep a caption iff
+    some whitespace token (``text.split()``) names an ImageNet-21k entity, i.e. its first WordNet
+    synset (``wordnet.synsets(token)[0]``: lowercased, inflections undone by morphy) is one of the
+    ImageNet-21k synsets. WordNet is not read here: ``words`` is a file of the lowercase forms whose
+    first synset is such a synset (tools/text_entity_words.py writes it where NLTK's WordNet is
+    installed; ``#`` lines are comments), so matching is an Arrow set lookup per token. Tokens keep
+    attached punctuation (``dog,`` has no synset in DataComp either). Tokens are lowercased with
+    Arrow's ``utf8_lower``, which equals Python's ``str.lower`` (NLTK's) wherever either side is
+    ASCII once U+0130 (Python: ``i`` + U+0307) is mapped first; its Unicode tables may be newer than
+    Python's for non-ASCII letters, which no WordNet form contains. A null caption is dropped
+    (DataComp's ``split`` would raise on it)."""
+    kind = "text_entity"
+    words: str
+
+    @field_validator("words")
+    @classmethod
+    def _readable(cls, v: str) -> str:
+        entity_words(v)      # a missing or malformed file fails when the recipe loads, before any data
+        return v
+
+    def requires(self):
+        return ["text"], []
+
+    def files(self) -> list[str]:
+        return [self.words]
+
+    def verdict(self, batch, fitted=None) -> np.ndarray:
+        text = pc.utf8_lower(pc.replace_substring(pc.fill_null(batch.arrow("text"), ""), "\u0130", "i\u0307"))
+        tokens = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(text))   # = str.split(), see count_words
+        hit = pc.is_in(pc.list_flatten(tokens), value_set=entity_words(self.words)).to_numpy(zero_copy_only=False)
+        keep = np.zeros(len(text), bool)
+        keep[pc.list_parent_indices(tokens).to_numpy()[hit]] = True
+        return keep
