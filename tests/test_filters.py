@@ -57,6 +57,23 @@ def test_language_id_on_demo_captions(demo_pool):
     assert Language(lang="de").verdict(FakeBatch(text=["ein Foto von drei roten Kreisen auf einem Hintergrund"])).all()
 
 
+def test_language_takes_another_fasttext_model_file(tmp_path):
+    """``model`` names a fastText file (the full lid.176.bin on a machine that has it): the shipped
+    ftz named explicitly decides as the default does, and keys the filter's work; a path that does
+    not exist fails when the recipe is read, naming it."""
+    from winnow.config import ParamsError
+    from winnow.filters.text import shipped_lid_model
+
+    captions = ["a photo of three red circles", "ein Foto von drei roten Kreisen", "trois cercles rouges", ""]
+    named = Language(model=str(shipped_lid_model()))
+    assert named.files() == [str(shipped_lid_model())] and Language().files() == []
+    assert named.verdict(FakeBatch(text=captions)).tolist() == Language().verdict(FakeBatch(text=captions)).tolist()
+    from winnow.filters import build_step
+
+    with pytest.raises(ParamsError, match="lid.176.bin does not exist"):
+        build_step({"step": "language", "model": str(tmp_path / "lid.176.bin")}, "recipe steps[2]")
+
+
 def test_top_fraction_is_datacomps_rule():
     rng = np.random.default_rng(0)
     s = rng.random(1001).astype(np.float32)
@@ -232,7 +249,7 @@ def test_survivors_mode_is_a_funnel_with_the_same_subset(demo_pool, tmp_path, mo
 
     seen = []
     real = text.detect_languages
-    monkeypatch.setattr(text, "detect_languages", lambda texts: seen.append(len(texts)) or real(texts))
+    monkeypatch.setattr(text, "detect_languages", lambda texts, model=None: seen.append(len(texts)) or real(texts, model))
     pool, recipe = Pool.open(str(demo_pool)), load_recipe("basic")
     f = run(recipe, pool, str(tmp_path / "survivors"))
     after_length = f["steps"][1]["kept_after"]

@@ -182,3 +182,31 @@ def test_a_verified_pool_is_trusted_only_while_its_files_are_unchanged(demo_pool
     p.write_text(yaml.safe_dump({"name": "q", "corrupt_shards": "quarantine", "steps": steps}))
     f = run(load_recipe(str(p)), Pool.open(str(pool_dir)), str(tmp_path / "b"))
     assert [q["shard"] for q in f["quarantined_shards"]] == ["00000001"]
+
+
+def test_faiss_kmeans_is_datacomps_clustering(demo_pool, tmp_path):
+    """``kmeans: faiss`` clusters as DataComp's image_based_clustering.train_kmeans does (its CPU
+    form: faiss.Clustering with niter 20, the seed, no sub-sampling, an L2 flat index), keeping the
+    centroids as DataComp stores them; and image_clusters runs on it end to end."""
+    import faiss
+
+    from winnow.filters.alignment import _kmeans
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(c, 0.05, (200, 8)) for c in np.eye(8)[:4]]).astype(np.float32)
+    ref = faiss.Clustering(8, 4)
+    ref.niter, ref.seed, ref.max_points_per_centroid = 20, 3, 10_000_000
+    ref.train(x, faiss.IndexFlatL2(8))
+    want = faiss.vector_float_to_array(ref.centroids).reshape(4, 8)
+    got = _kmeans(x, 4, 3, "faiss")
+    assert np.array_equal(got, want)
+    nearest = ((x[:, None, :] - got[None]) ** 2).sum(-1).argmin(1)      # L2 k-means' fixed point
+    for c in np.unique(nearest):
+        assert np.allclose(got[c], x[nearest == c].mean(0), atol=1e-4)
+    steps = [{"step": "image_clusters", "key": "b32_img", "clusters": 5, "kmeans": "faiss"}]
+    targets = tmp_path / "targets.npy"
+    np.save(targets, np.load(demo_pool / "00000000.npz")["b32_img"][:3].astype(np.float32))
+    r = recipe(tmp_path, steps)
+    r.targets = {"imagenet1k": str(targets)}
+    f = run(r, Pool.open(str(demo_pool)), str(tmp_path / "out"))
+    assert 0 < f["kept_unique"] < f["pool_size"] and f["steps"][0]["state"]["clusters"] == 5

