@@ -366,6 +366,8 @@ def main() -> None:
     ap.add_argument("--size", type=int)
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     if args.child:
         args.way = args.child
         return _child(args)

@@ -58,20 +58,20 @@ def test_language_id_on_demo_captions(demo_pool):
 
 
 def test_language_takes_another_fasttext_model_file(tmp_path):
-    """``model`` names a fastText file (the full lid.176.bin on a machine that has it): the shipped
+    """``lid_file`` names a fastText file (the full lid.176.bin on a machine that has it): the shipped
     ftz named explicitly decides as the default does, and keys the filter's work; a path that does
     not exist fails when the recipe is read, naming it."""
     from winnow.config import ParamsError
     from winnow.filters.text import shipped_lid_model
 
     captions = ["a photo of three red circles", "ein Foto von drei roten Kreisen", "trois cercles rouges", ""]
-    named = Language(model=str(shipped_lid_model()))
+    named = Language(lid_file=str(shipped_lid_model()))
     assert named.files() == [str(shipped_lid_model())] and Language().files() == []
     assert named.verdict(FakeBatch(text=captions)).tolist() == Language().verdict(FakeBatch(text=captions)).tolist()
     from winnow.filters import build_step
 
     with pytest.raises(ParamsError, match="lid.176.bin does not exist"):
-        build_step({"step": "language", "model": str(tmp_path / "lid.176.bin")}, "recipe steps[2]")
+        build_step({"step": "language", "lid_file": str(tmp_path / "lid.176.bin")}, "recipe steps[2]")
 
 
 def test_top_fraction_is_datacomps_rule():

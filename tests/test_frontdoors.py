@@ -138,16 +138,24 @@ def test_a_clean_clone_reproduces_the_committed_lock_to_the_scorer(tmp_path, mon
     machine than the one running this (a CPU of its own), so this is where torch's pinned kernels
     (winnow.kernels) are checked across machines; test_determinism varies threads and kernels at
     micro size."""
+    import torch
+
+    from winnow.kernels import _has_avx2
+
+    # the scorer's bytes are pinned for CPU training on x86 with AVX2 (winnow.kernels); a GPU trains
+    # in bf16 and other CPUs run their own kernels, so there only the pool is compared
+    stages = ("pool", "scorer") if _has_avx2() and not torch.cuda.is_available() else ("pool",)
+
     def outs(lockfile):
         lock = yaml.safe_load(lockfile.read_text())["stages"]
-        return {o["path"]: o["md5"] for stage in ("pool", "scorer") for o in lock[stage]["outs"]}
+        return {o["path"]: o["md5"] for stage in stages for o in lock[stage]["outs"]}
 
     proj = make_project(tmp_path / "clone", yaml.safe_load((ROOT / "params.yaml").read_text()))
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(k, "1")
-    dvc(proj, "repro", "scorer", check=True)
+    dvc(proj, "repro", stages[-1], check=True)
     got, committed = outs(proj / "dvc.lock"), outs(ROOT / "dvc.lock")
-    assert {"data/pool", "models/scorer"} <= set(got)
+    assert "data/pool" in got and ("models/scorer" in got) == ("scorer" in stages)
     assert {k: v for k, v in got.items() if committed.get(k) != v} == {}
 
 

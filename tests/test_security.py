@@ -490,3 +490,20 @@ def test_a_remote_dask_cluster_gets_absolute_paths(demo_pool, tmp_path, monkeypa
             work_root=".winnow/work")
     assert (project / "out" / "uids.npy").read_bytes() == (tmp_path / "serial" / "uids.npy").read_bytes()
     assert not (elsewhere / ".winnow").exists() and not (elsewhere / "data").exists()
+
+
+def test_a_recipes_file_fields_reach_a_remote_cluster_absolute(tmp_path, monkeypatch):
+    """A step's file named relative to the project (``language.lid_file``) would name another file
+    in a cluster worker's directory: the driver makes it absolute inside the recipe it ships (a
+    pydantic model), and leaves the recipe's other values alone."""
+    from winnow.executor import absolute_locations
+    from winnow.filters.engine import load_recipe
+    from winnow.filters.text import shipped_lid_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lid.ftz").write_bytes(shipped_lid_model().read_bytes())
+    r = load_recipe({"name": "r", "steps": [{"step": "language", "lid_file": "lid.ftz"},
+                                            {"step": "caption_length"}]})
+    shipped = absolute_locations(r, "recipe")
+    assert shipped.steps[0].lid_file == str(tmp_path / "lid.ftz") and r.steps[0].lid_file == "lid.ftz"
+    assert shipped.steps[1] == r.steps[1] and shipped.name == "r"

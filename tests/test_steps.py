@@ -201,6 +201,9 @@ def test_faiss_kmeans_is_datacomps_clustering(demo_pool, tmp_path):
     got = _kmeans(x, 4, 3, "faiss")
     assert np.array_equal(got, want)
     nearest = ((x[:, None, :] - got[None]) ** 2).sum(-1).argmin(1)      # L2 k-means' fixed point
+    from winnow.filters.alignment import _assign
+
+    assert np.array_equal(_assign(x, got, l2=True), nearest)   # rebalance counts faiss clusters in this partition
     for c in np.unique(nearest):
         assert np.allclose(got[c], x[nearest == c].mean(0), atol=1e-4)
     steps = [{"step": "image_clusters", "key": "b32_img", "clusters": 5, "kmeans": "faiss"}]

@@ -93,8 +93,16 @@ def test_bad_words_file_fails_when_the_recipe_loads(tmp_path):
         load(missing)
     bad = tmp_path / "bad.txt"
     bad.write_text("dog\nHot Dog\n")
-    with pytest.raises(ParamsError, match=r"bad.txt:2: 'Hot Dog'"):
+    with pytest.raises(ParamsError, match=r"bad.txt:2: not one lowercase word") as err:
         load(bad)
+    assert "Hot Dog" not in str(err.value)      # a path mistyped onto a secrets file must not print it
+    with pytest.raises(ParamsError, match="not a file"):
+        load(tmp_path)                          # a directory (or /dev/zero) is not read
+    bom = tmp_path / "bom.txt"
+    bom.write_text("\ufeffdog\n", encoding="utf-8")
+    from winnow.filters.text import entity_words
+
+    assert entity_words(str(bom)).to_pylist() == ["dog"]
 
 
 def test_text_based_recipe_on_the_demo_pool(demo_pool, tmp_path, monkeypatch):

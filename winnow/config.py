@@ -137,6 +137,16 @@ class Params(Section):
     storage: Storage = Storage()
 
 
+def project_file(path: str | Path) -> Path:
+    """A file a recipe names: as given (absolute, or relative to the project, the working
+    directory), else a file the package itself ships (``configs/...`` of a recipe from
+    CONFIGS/recipes, used from a project elsewhere)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not (ROOT / p).exists():
+        return p
+    return ROOT / p
+
+
 def _suggest(model: type[BaseModel], loc: tuple) -> str:
     """'did you mean …' for an unknown key, from the fields of the model that holds it."""
     holder: type[BaseModel] | None = model

@@ -17,7 +17,7 @@ or a process started elsewhere): a relative path shipped to it would name anothe
 with ``address`` every location in the arguments (and in a ``functools.partial``'s bound ones)
 is made absolute in the driver first (:func:`absolute_locations`): ``Path`` values, and strings held by parameters or dataclass fields
 named like a location (``*_dir``, ``*_path``, ``uri``, ``*_uri``, ``root``, ``scratch``, ``*_file(s)``,
-and the values of mappings so named);
+and the values of mappings so named), in dataclasses and pydantic models (a recipe's steps) too;
 ``s3://`` URIs pass unchanged. The workers must see the same filesystem at those paths (README).
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ import os
 import re
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
+
+from pydantic import BaseModel
 
 from winnow.config import ParamsError
 
@@ -83,6 +85,14 @@ def absolute_locations(value: Any, name: str = "") -> Any:
         # only a mapping named as locations (``target_files``: task -> file) holds locations; other
         # mappings (a pool's manifest, whose ``uri: .`` is relative to the pool) are data, unchanged
         return {k: absolute_locations(v, name) for k, v in value.items()} if _LOCATION.search(name) else value
+    if isinstance(value, BaseModel):       # a recipe and its steps (e.g. a language step's ``lid_file``)
+        changes = {}
+        for name in type(value).model_fields:
+            v = getattr(value, name)
+            new = absolute_locations(v, name)
+            if new is not v:
+                changes[name] = new
+        return value.model_copy(update=changes) if changes else value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         changes = {}
         for f in dataclasses.fields(value):

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from winnow import io as wio
 from winnow import jobs
 from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
 from winnow.executor import SERIAL, Executor
@@ -149,8 +150,10 @@ def probe_shards(recipe: Recipe, pool: Pool, executor: Executor = SERIAL) -> tup
     lacks an input the first readable shard has (one the pool lacks altogether is named, with the
     valid choices, by check_requirements)."""
     verified = pool_verified.is_verified(pool)
-    # a verified pool's probe reads footers only: cheaper in this process than shipped to workers
-    results = list((SERIAL if verified else executor).map(_probe, [(recipe, pool, verified, s) for s in pool.shards],
+    # a verified local pool's probe reads footers only: cheaper in this process than shipped to
+    # workers (a remote pool's shards are fetched whole, so those stay on the executor)
+    serial = verified and not wio.is_remote(pool.uri)
+    results = list((SERIAL if serial else executor).map(_probe, [(recipe, pool, verified, s) for s in pool.shards],
                                                           name=f"filter {recipe.name}: probe"))
     errors = [e for e, _ in results]
     first = next((have for e, have in results if e is None), [])

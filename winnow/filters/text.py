@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -12,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import field_validator
 
-from winnow.config import ParamsError
+from winnow.config import ParamsError, project_file
 from winnow.filters.base import Step, register
 
 
@@ -47,30 +46,33 @@ def detect_languages(texts, model: str | None = None) -> np.ndarray:
 @register
 class Language(Step):
     """Keep captions whose fastText lid.176 top-1 language is ``lang`` (DataComp basic: ``en``).
-    ``model``: a fastText language-id model file, e.g. the full ``lid.176.bin`` that DataComp's
+    ``lid_file``: a fastText language-id model file, e.g. the full ``lid.176.bin`` that DataComp's
     baselines download (126 MB; a quantized model's top-1 label can differ from the full one's),
     default the shipped ``lid.176.ftz``, which needs no download."""
     kind = "language"
     lang: str = "en"
-    model: str | None = None
+    lid_file: str | None = None
 
-    @field_validator("model")
+    @field_validator("lid_file")
     @classmethod
     def _model_file(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
-            raise ParamsError(f"language model {v} does not exist: give the path of a fastText model "
+        if v is not None and not project_file(v).is_file():
+            raise ParamsError(f"language lid_file {v} does not exist: give the path of a fastText model "
                               "(e.g. lid.176.bin from https://fasttext.cc/docs/en/language-identification.html), "
-                              "or leave `model` unset for the shipped lid.176.ftz")
+                              "or leave `lid_file` unset for the shipped lid.176.ftz")
         return v
 
     def requires(self):
         return ["text"], []
 
     def files(self) -> list[str]:
-        return [self.model] if self.model else []
+        return [str(project_file(self.lid_file))] if self.lid_file else []
 
     def verdict(self, batch, fitted=None) -> np.ndarray:
-        return detect_languages(batch.arrow("text"), self.model) == self.lang
+        # absolute: a worker of a remote cluster resolves a relative path in its own directory (the
+        # executor makes ``*_file`` fields absolute in the driver); the file must be readable there
+        model = str(project_file(self.lid_file).resolve()) if self.lid_file else None
+        return detect_languages(batch.arrow("text"), model) == self.lang
 
 
 def count_words(text, tokenizer: str = "split") -> np.ndarray:
@@ -132,27 +134,31 @@ class TextRegex(Step):
         return ~drop
 
 
-@functools.lru_cache(maxsize=8)
-def _entity_words(path: str, stamp: tuple[int, int]) -> pa.Array:
+MAX_WORDS_BYTES = 64 << 20    # a words file of every WordNet form is ~2 MB; anything near this is not one
+
+
+def entity_words(path: str) -> pa.Array:
+    """The declared word forms of a words file (read in the driver; the fitted value ships them)."""
+    p = project_file(path)
+    try:
+        if not p.is_file():
+            raise ParamsError(f"text_entity words file {path} cannot be read: not a file")
+        if p.stat().st_size > MAX_WORDS_BYTES:
+            raise ParamsError(f"text_entity words file {path} is over {MAX_WORDS_BYTES >> 20} MB: not a list of words")
+        text = p.read_text(encoding="utf-8-sig")     # a byte-order mark is not part of the first word
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ParamsError(f"text_entity words file {path} cannot be read: {why}") from None
     words = []
-    for no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for no, line in enumerate(text.splitlines(), 1):
         w = line.strip()
         if not w or w.startswith("#"):
             continue
         if w != w.lower() or len(w.split()) != 1:     # could never equal a lowercased caption token
-            raise ParamsError(f"text_entity words file {path}:{no}: {w!r} is not one lowercase word")
+            # the line itself is not echoed: a path mistyped onto a secrets file must not print it
+            raise ParamsError(f"text_entity words file {path}:{no}: not one lowercase word")
         words.append(w)
     return pa.array(sorted(set(words)), pa.string())
-
-
-def entity_words(path: str) -> pa.Array:
-    """The declared word forms (cached per file version: every shard's verdict reads them)."""
-    try:
-        st = os.stat(path)
-        return _entity_words(str(path), (st.st_mtime_ns, st.st_size))
-    except (OSError, UnicodeDecodeError) as exc:
-        why = getattr(exc, "strerror", None) or exc
-        raise ParamsError(f"text_entity words file {path} cannot be read: {why}") from None
 
 
 @register
@@ -169,6 +175,7 @@ class TextEntity(Step):
     Python's for non-ASCII letters, which no WordNet form contains. A null caption is dropped
     (DataComp's ``split`` would raise on it)."""
     kind = "text_entity"
+    is_global = True     # its "fit" reads the words file in the driver: workers (a remote cluster's too) need no path
     words: str
 
     @field_validator("words")
@@ -181,12 +188,20 @@ class TextEntity(Step):
         return ["text"], []
 
     def files(self) -> list[str]:
-        return [self.words]
+        return [str(project_file(self.words))]
+
+    def fit(self, pool, alive) -> pa.Array:
+        return entity_words(self.words)
+
+    def report(self, fitted) -> dict:
+        return {"words": 0 if fitted is None else len(fitted)}
 
     def verdict(self, batch, fitted=None) -> np.ndarray:
+        if fitted is None:      # called outside the engine
+            fitted = entity_words(self.words)
         text = pc.utf8_lower(pc.replace_substring(pc.fill_null(batch.arrow("text"), ""), "\u0130", "i\u0307"))
         tokens = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(text))   # = str.split(), see count_words
-        hit = pc.is_in(pc.list_flatten(tokens), value_set=entity_words(self.words)).to_numpy(zero_copy_only=False)
+        hit = pc.is_in(pc.list_flatten(tokens), value_set=fitted).to_numpy(zero_copy_only=False)
         keep = np.zeros(len(text), bool)
         keep[pc.list_parent_indices(tokens).to_numpy()[hit]] = True
         return keep

@@ -3,7 +3,10 @@ identity (as a job's work key names its inputs: size + mtime, or the bytes of sm
 in the workspace beside the jobs' work directories. The gate reads every shard through, with every
 column; a later stage reading the same files (the filter's probe) may take that as known instead
 of reading each shard's uids again. Files changed since, or a pool DVC restored from its cache
-without running the gate here, are simply not verified."""
+without running the gate here, are simply not verified. The trade-off: a file over 1 MiB is known
+by size and mtime (winnow.jobs.content_identity), so one altered in place with both kept (bit rot,
+``touch -r``) is trusted, and a corrupt page in it then fails the filter's pass naming the shard
+instead of being quarantined by ``corrupt_shards: quarantine``."""
 from __future__ import annotations
 
 from pathlib import Path
