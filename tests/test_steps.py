@@ -213,3 +213,21 @@ def test_faiss_kmeans_is_datacomps_clustering(demo_pool, tmp_path):
     r.targets = {"imagenet1k": str(targets)}
     f = run(r, Pool.open(str(demo_pool)), str(tmp_path / "out"))
     assert 0 < f["kept_unique"] < f["pool_size"] and f["steps"][0]["state"]["clusters"] == 5
+
+
+def test_flip_drop_quantile_is_an_exact_rank_rule(demo_pool, tmp_path):
+    """``max_drop_quantile: q`` keeps the samples whose drop (score - flipped score) is at most the
+    value at descending rank int(N(1-q)) of the drops it decides: a rule in the scorer's own units.
+    The pool's two metadata scores stand in for a score and its flipped-image score."""
+    from winnow.filters.clip_score import top_fraction_threshold
+
+    meta = pd.concat([shards.read_meta(str(demo_pool), s).to_pandas() for s in shards.discover(str(demo_pool))])
+    drop = (meta.clip_l14_similarity_score.to_numpy(np.float32) - meta.clip_b32_similarity_score.to_numpy(np.float32))
+    steps = [{"step": "flip_score", "score": "clip_l14_similarity_score", "flip_score": "clip_b32_similarity_score",
+              "max_drop_quantile": 0.8}]
+    f = run(recipe(tmp_path, steps), Pool.open(str(demo_pool)), str(tmp_path / "out"))
+    want = top_fraction_threshold(drop, 1 - 0.8)
+    assert f["steps"][0]["state"]["max_drop"] == want
+    assert f["kept_unique"] == int((drop <= want).sum()) and 0.75 * len(drop) <= f["kept_unique"] <= 0.85 * len(drop)
+    with pytest.raises(ParamsError, match="exactly one of 'max_drop' or 'max_drop_quantile'"):
+        load_recipe({"name": "r", "steps": [{"step": "flip_score", "max_drop": 0.1, "max_drop_quantile": 0.9}]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from winnow.filters.base import Step, register
 
@@ -144,25 +144,51 @@ class FlipScore(Step):
     matches the image but not its horizontal mirror, whose text no longer reads.
 
     ``mode``: ``drop`` keeps samples whose score falls by at most ``max_drop`` when the image is
-    flipped; ``flipped`` keeps flipped-image score >= ``threshold``; ``min`` keeps
-    min(score, flipped score) >= ``threshold``."""
+    flipped — or, with ``max_drop_quantile: q``, by at most the q-quantile of the drops of the
+    samples it decides (exact, two histogram passes like the top-fraction rule: the value at
+    descending rank int(N(1-q)), so about the (1-q) largest drops go), a rule in the scorer's own
+    units that reads the same on the demo scorer and on OpenAI CLIP cosines; ``flipped`` keeps
+    flipped-image score >= ``threshold``; ``min`` keeps min(score, flipped score) >= ``threshold``."""
     kind = "flip_score"
     score: str = "scorer_score"
     flip_score: str = "scorer_flip_score"
     mode: Literal["drop", "flipped", "min"] = "drop"
     threshold: float | None = None
     max_drop: float | None = None
+    max_drop_quantile: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _params_for_mode(self):
-        if self.mode == "drop" and self.max_drop is None:
-            raise ValueError("mode 'drop' needs 'max_drop'")
+        if self.mode == "drop" and (self.max_drop is None) == (self.max_drop_quantile is None):
+            raise ValueError("mode 'drop' needs exactly one of 'max_drop' or 'max_drop_quantile'")
         if self.mode != "drop" and self.threshold is None:
             raise ValueError(f"mode '{self.mode}' needs 'threshold'")
         return self
 
     def requires(self):
         return [self.score, self.flip_score], []
+
+    def needs_fit(self) -> bool:
+        return self.mode == "drop" and self.max_drop_quantile is not None
+
+    fit_passes = 2      # the drops' exact quantile (TopFractionSelect)
+
+    def _drops(self, batch) -> np.ndarray:
+        s, f = self.explain(batch).values()
+        return s - f
+
+    def fit_begin(self, pool) -> TopFractionSelect:
+        return TopFractionSelect(1.0 - self.max_drop_quantile)
+
+    def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: TopFractionSelect):
+        return state.part(self._drops(batch)[alive], pass_no)     # non-finite drops are left out there
+
+    def fit_reduce(self, parts, pass_no: int, state: TopFractionSelect):
+        t = state.reduce(parts, pass_no)
+        return state if pass_no == 0 else t     # fitted: the largest drop kept
+
+    def report(self, fitted) -> dict:
+        return {"max_drop": fitted} if self.needs_fit() else {}
 
     def explain(self, batch, fitted=None) -> dict:
         return {"score": batch.column(self.score).astype(np.float32),
@@ -171,7 +197,7 @@ class FlipScore(Step):
     def verdict(self, batch, fitted=None) -> np.ndarray:
         s, f = self.explain(batch).values()
         if self.mode == "drop":
-            ok = (s - f) <= self.max_drop
+            ok = (s - f) <= (fitted if self.needs_fit() else self.max_drop)
         elif self.mode == "flipped":
             ok = f >= self.threshold
         else:
