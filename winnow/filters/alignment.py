@@ -202,12 +202,13 @@ class _KMeansStep(Step):
     passes 0-1 draw the sample (SurvivorSample) on the executor, the driver fits the centroids.
     With ``centroids`` (a file of pool-wide centroids, as DataComp ships per scale) nothing is
     sampled or fitted: the passes read nothing and the driver loads them, as they are stored.
-    Subclasses declare ``key``, ``clusters``, ``sample``, ``seed`` and continue in ``clustered``
+    Subclasses declare ``key``, ``clusters``, ``sample`` and continue in ``clustered``
     (driver) or in further passes. The state is a :class:`Clusters`."""
     is_global = True
     fit_passes = 2
     centroids: str | None = None
     kmeans: Literal["sklearn", "faiss"] = "sklearn"    # faiss: DataComp's clustering (_kmeans)
+    seed: int = Field(0, ge=0, lt=2**31)               # faiss takes a C int
 
     def files(self) -> list[str]:
         return [self.centroids] if self.centroids else []
@@ -247,7 +248,6 @@ class ImageClusters(_KMeansStep):
     key: str = "scorer_img"
     clusters: int = Field(100, ge=1)
     sample: int = Field(100_000, ge=1)
-    seed: int = Field(0, ge=0, lt=2**31)   # faiss takes a C int
 
     def requires(self):
         return [], [self.key]
@@ -286,7 +286,6 @@ class Rebalance(_KMeansStep):
     sample: int = Field(100_000, ge=1)
     cap: float = Field(3.0, gt=0)
     max_repeat: int = Field(2, ge=1)
-    seed: int = Field(0, ge=0, lt=2**31)   # faiss takes a C int
 
     def requires(self):
         return ["uid"], [self.key]
