@@ -276,11 +276,15 @@ class ImageClusters(_KMeansStep):
 
 @register
 class Rebalance(_KMeansStep):
-    """Rebalance the survivors over k-means clusters of their image embeddings: clusters larger
-    than ``cap`` x the median cluster are thinned to that size (deterministically, by uid), and
-    clusters smaller than the median are up-sampled up to ``max_repeat`` copies — emitted as uid
-    multiplicities, which DataComp's resharder writes as copies."""
+    """Rebalance the survivors over k-means clusters of their image embeddings, counting each
+    sample with the copies earlier steps made of it (retrieval's up-sampling): clusters holding
+    more than ``cap`` x the median cluster's copies are thinned to that many (each sample's copies
+    scaled by the cluster's rate and rounded deterministically by uid, so a retrieved sample
+    loses copies before a single-copy one is dropped), and clusters below the median are
+    up-sampled up to ``max_repeat`` times — emitted as uid multiplicities, which DataComp's
+    resharder writes as copies."""
     kind = "rebalance"
+    sets_copies = True
     key: str = "scorer_img"
     clusters: int = Field(50, ge=1)
     sample: int = Field(100_000, ge=1)
@@ -298,12 +302,13 @@ class Rebalance(_KMeansStep):
         return self.kmeans == "faiss"
 
     def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: Clusters):
-        if pass_no < 2:
-            return super().fit_shard(batch, alive, pass_no, state)
+        if pass_no < 2:      # the survivor sample: survivors once each, whatever their copies
+            return super().fit_shard(batch, np.asarray(alive) > 0, pass_no, state)
         if state.centroids is None:
             return np.zeros(0, np.int64)
-        a = _assign(batch.embedding(self.key), state.centroids, batch.shard, self.key, self._l2())[alive]
-        return np.bincount(a[a >= 0], minlength=len(state.centroids))
+        a = _assign(batch.embedding(self.key), state.centroids, batch.shard, self.key, self._l2())
+        ok = (alive > 0) & (a >= 0)      # alive: each sample's copies (sets_copies)
+        return np.bincount(a[ok], weights=alive[ok], minlength=len(state.centroids)).astype(np.int64)
 
     def fit_reduce(self, parts, pass_no: int, state: Clusters) -> Clusters:
         if pass_no < 2:
@@ -317,17 +322,21 @@ class Rebalance(_KMeansStep):
         state.repeat = np.clip(np.round(median / np.maximum(counts, 1)), 1, self.max_repeat).astype(np.int64)
         return state
 
-    def verdict(self, batch, fitted: Clusters = None) -> np.ndarray:
+    def verdict(self, batch, fitted: Clusters = None, copies: np.ndarray | None = None) -> np.ndarray:
+        """Each sample's copies: ``copies`` x the cluster's keep rate, rounded up with probability
+        equal to the fraction (a uniform from the uid: the same on every run), x its repeat."""
         from winnow.pool import uids as U
 
         c = _assign(batch.embedding(self.key), fitted.centroids, batch.shard, self.key, self._l2())
         if fitted.centroids is None or not len(fitted.keep_rate):      # nothing was clustered: keep nothing
             return np.zeros(len(c), np.int64)
+        copies = np.ones(len(c), np.int64) if copies is None else np.asarray(copies, np.int64)
         u = U.hex_to_array(batch.column("uid"), sort=False)["f1"].astype(np.float64) / 2.0**64
         ok = c >= 0
         cc = np.where(ok, c, 0)
-        keep = ok & (u < fitted.keep_rate[cc])
-        return np.where(keep, fitted.repeat[cc], 0).astype(np.int64)
+        scaled = copies * fitted.keep_rate[cc]
+        kept = np.floor(scaled) + (u < scaled - np.floor(scaled))
+        return np.where(ok, kept * fitted.repeat[cc], 0).astype(np.int64)
 
     def report(self, fitted: Clusters) -> dict:
         if fitted is None:

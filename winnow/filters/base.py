@@ -12,6 +12,11 @@ survived the earlier steps), or declares ``fit_passes`` and implements a map-red
 executor and ``fit_reduce(parts, pass_no, state) -> state`` in the driver; the last pass's state
 is the fitted value. ``explain`` returns the scores a step decided on, recorded in
 decisions.parquet.
+
+A step that ``sets_copies`` sees the copies earlier steps made of each sample (retrieval's
+up-sampling): its fit's ``alive`` is that int array (0: dropped), ``verdict(batch, fitted, copies)``
+receives the copies of the rows it decides, and its int verdict is each sample's new number of
+copies instead of a factor on them.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: ClassVar[str]              # registry name used in recipes (`step: <kind>`)
     is_global: ClassVar[bool] = False
+    sets_copies: ClassVar[bool] = False   # verdict: each sample's number of copies, given the earlier ones
     name: str | None = None          # label in the funnel; defaults to the kind
 
     def label(self) -> str:

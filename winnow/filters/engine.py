@@ -209,17 +209,25 @@ def _load(path: str) -> list[np.ndarray]:
         return [z[f"v{i}"] for i in range(len(z.files))]
 
 
-def _kept(verdicts: list[np.ndarray], n: int) -> np.ndarray:
-    """Samples kept by every one of these steps."""
-    m = np.ones(n, bool)
-    for v in verdicts:
-        m &= v > 0
-    return m
+def _apply(copies: np.ndarray, step: Step, v: np.ndarray) -> np.ndarray:
+    """The copies after one more step's verdict (0: dropped): a multiplicity verdict multiplies
+    them, a ``sets_copies`` step's (rebalance) replaces them."""
+    keep = (v > 0) & (copies > 0)      # (decide: all) a dropped sample stays dropped
+    if v.dtype == np.int32:
+        return np.where(keep, v if step.sets_copies else copies * v, 0)
+    return np.where(keep, copies, 0)
 
 
-def _alive(files: list[str], n: int) -> np.ndarray:
-    """Samples kept by every step whose verdicts are in ``files``."""
-    return _kept([v for f in files for v in _load(f)], n)
+def _copies(steps: list[Step], verdicts: list[np.ndarray], n: int) -> np.ndarray:
+    """Each sample's number of copies after these steps (0: dropped)."""
+    copies = np.ones(n, np.int64)
+    for step, v in zip(steps, verdicts):
+        copies = _apply(copies, step, v)
+    return copies
+
+
+def _verdict(step: Step, batch, fit, copies: np.ndarray):
+    return step.verdict(batch, fit, copies) if step.sets_copies else step.verdict(batch, fit)
 
 
 def _needs_image(step: Step, batch) -> bool:
@@ -242,27 +250,31 @@ def with_download_gate(recipe: Recipe, pool: Pool) -> Recipe:
     return recipe
 
 
-def _decide(steps: list[Step], fitted: list, batch, alive: np.ndarray, decide: str) -> tuple[list[np.ndarray], list[float]]:
-    """Each step's verdicts on one shard, and the seconds each took. ``survivors``: a step decides only the samples every step
+def _decide(steps: list[Step], fitted: list, batch, earlier: list[Step], prior: list[np.ndarray],
+            decide: str) -> tuple[list[np.ndarray], list[float]]:
+    """Each step's verdicts on one shard, and the seconds each took, given the ``earlier`` steps'
+    verdicts ``prior``. ``survivors``: a step decides only the samples every step
     before it kept (so language id never runs on what a cheap size check already dropped); ``all``:
     every step decides every sample, so each step's standalone effect is known — except that a step
-    reading image-derived values never sees a sample without an image (download layout)."""
-    alive, shard = alive.copy(), batch.shard
+    reading image-derived values never sees a sample without an image (download layout). A
+    ``sets_copies`` step deciding a sample earlier steps dropped (``all``) counts it as one copy."""
+    shard, copies = batch.shard, _copies(earlier, prior, len(batch))
     out, seconds = [], []
     for step, fit in zip(steps, fitted):
         t0 = time.perf_counter()
+        alive = copies > 0
         image_rows = batch.column("downloaded").astype(bool) if _needs_image(step, batch) else None
         if decide == "all" and image_rows is None:
-            v = _encode(step, step.verdict(batch, fit), len(batch), shard)
+            v = _encode(step, _verdict(step, batch, fit, np.maximum(copies, 1)), len(batch), shard)
         else:
             mask = alive if decide != "all" else np.ones(len(batch), bool)
             rows = np.flatnonzero(mask if image_rows is None else mask & image_rows)
             v = np.full(len(batch), UNDECIDED, np.int8)
             if len(rows):
-                r = _encode(step, step.verdict(batch.select(rows), fit), len(rows), shard)
+                r = _encode(step, _verdict(step, batch.select(rows), fit, np.maximum(copies[rows], 1)), len(rows), shard)
                 v = v.astype(r.dtype)
                 v[rows] = r
-        alive &= v > 0
+        copies = _apply(copies, step, v)
         out.append(v)
         seconds.append(time.perf_counter() - t0)
     return out, seconds
@@ -275,17 +287,21 @@ def _prior(work: Path, starts: list[int], shard: str) -> list[str]:
 
 def _decide_group(steps: list[Step], fitted: list, start: int, starts: list[int], pool: Pool, work: Path,
                   decide: str, unit: str) -> dict:
-    """One group's verdicts on one shard (a unit of a pass), written to the work directory."""
+    """One group's verdicts on one shard (a unit of a pass), written to the work directory.
+    ``steps``: the recipe's steps up to the group's end; the group starts at ``start``."""
     batch = pool.batch(unit)
-    out, seconds = _decide(steps, fitted, batch, _alive(_prior(work, starts, unit), len(batch)), decide)
+    prior = [v for f in _prior(work, starts, unit) for v in _load(f)]
+    out, seconds = _decide(steps[start:], fitted, batch, steps[:start], prior, decide)
     with atomic_file(work / f"{start}-{unit}.npz", jobs.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{f"v{i}": v for i, v in enumerate(out)})
     return {"seconds": seconds}
 
 
-def _fit_part(step: Step, state, pool: Pool, work: Path, starts: list[int], pass_no: int, unit: str):
+def _fit_part(step: Step, earlier: list[Step], state, pool: Pool, work: Path, starts: list[int], pass_no: int,
+              unit: str):
     batch = pool.batch(unit)
-    return step.fit_shard(batch, _alive(_prior(work, starts, unit), len(batch)), pass_no, state)
+    copies = _copies(earlier, [v for f in _prior(work, starts, unit) for v in _load(f)], len(batch))
+    return step.fit_shard(batch, copies if step.sets_copies else copies > 0, pass_no, state)
 
 
 def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[int], last: int, decide: str,
@@ -296,7 +312,7 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
     steps, labels = recipe.steps, recipe.labels()
     batch = pool.batch(unit)
     vs = [v for f in _prior(work, starts, unit) for v in _load(f)]   # the earlier groups' verdicts, read once
-    last_vs, seconds = _decide(steps[last:], fitted[last:], batch, _kept(vs, len(batch)), decide)
+    last_vs, seconds = _decide(steps[last:], fitted[last:], batch, steps[:last], vs, decide)
     vs += last_vs
     uid = batch.arrow("uid")
     n = len(uid)
@@ -304,13 +320,11 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
     for lab, step, fit in zip(labels, steps, fitted) if decisions else ():
         for k, v in step.explain(batch, fit).items():
             cols[f"{k}:{lab}"] = np.asarray(v)
-    alive, mult = np.ones(n, bool), np.ones(n, np.int64)
+    alive = np.ones(n, bool)
     dropped_by = np.full(n, -1, np.int32)       # index of the step that dropped the sample; -1: kept
     counts = {"n": n, "after": [], "decided": [], "dropped": [], "seconds": seconds}
     for k, (lab, v) in enumerate(zip(labels, vs)):
         keep, decided = v > 0, v != UNDECIDED
-        if v.dtype == np.int32:          # a multiplicity step
-            mult = np.where(keep, mult * v, mult)
         dropped_by[alive & ~keep] = k
         alive &= keep
         counts["after"].append(int(alive.sum()))
@@ -318,7 +332,7 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
         counts["dropped"].append(int((decided & ~keep).sum()))
         if decisions:
             cols[f"keep:{lab}"] = pa.array(keep, mask=~decided)     # null: the step never saw the sample
-    mult = np.where(alive, mult, 0)
+    mult = _copies(steps, vs, n)
     if pool.is_download:   # selected by the metadata but never downloaded: reshard cannot write them
         image = batch.column("downloaded").astype(bool)
         counts["download"] = {"downloaded": int(image.sum()), "kept_without_image": int((alive & ~image).sum())}
@@ -396,12 +410,12 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor, work_root
         head = steps[i]
         t0 = time.time()
         if head.needs_fit():
-            fitted[i] = _fit(head, labels[i], recipe.name, pool, path, list(starts), executor)
+            fitted[i] = _fit(head, steps[:i], labels[i], recipe.name, pool, path, list(starts), executor)
         seconds[i] += time.time() - t0
         if g == len(groups) - 1:
             break       # the last group is decided in the final pass, with the decisions
         group = jobs.Job(f"filter {recipe.name}: {', '.join(labels[i:j])}", [f"{i}-{s}" for s in pool.shards],
-                         partial(_unit_shard, partial(_decide_group, steps[i:j], fitted[i:j], i, list(starts), pool, path,
+                         partial(_unit_shard, partial(_decide_group, steps[:j], fitted[i:j], i, list(starts), pool, path,
                                                       decide)))
         for stats in jobs.run(group, executor, work):
             seconds[i:j] += stats["seconds"]
@@ -438,15 +452,19 @@ def _run(recipe: Recipe, pool: Pool, out_dir: str, executor: Executor, work_root
     return funnel | {"quarantined_shards": quarantined}
 
 
-def _fit(step: Step, label: str, recipe: str, pool: Pool, work: Path, starts: list[int], executor: Executor):
+def _fit(step: Step, earlier: list[Step], label: str, recipe: str, pool: Pool, work: Path, starts: list[int],
+         executor: Executor):
     """A global step's fitted value: its map-reduce passes over the shards (each a job; cheap to
-    redo, so not recorded), or its own fit over the pool."""
+    redo, so not recorded), or its own fit over the pool. ``earlier``: the steps before it."""
     if not step.fit_passes:
-        return step.fit(pool, lambda shard: _alive(_prior(work, starts, shard), len(pool.batch(shard))))
+        def alive(shard):
+            copies = _copies(earlier, [v for f in _prior(work, starts, shard) for v in _load(f)], len(pool.batch(shard)))
+            return copies if step.sets_copies else copies > 0
+        return step.fit(pool, alive)
     state = step.fit_begin(pool)
     for p in range(step.fit_passes):
         state = jobs.run(jobs.Job(f"filter {recipe}: fit {label} ({p + 1}/{step.fit_passes})", pool.shards,
-                                  partial(_fit_part, step, state, pool, work, starts, p),
+                                  partial(_fit_part, step, earlier, state, pool, work, starts, p),
                                   reduce=lambda parts, p=p, state=state: step.fit_reduce((x for _, x in parts), p, state)),
                          executor)
     return state

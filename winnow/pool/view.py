@@ -103,6 +103,9 @@ class Rows:
     def positions(self) -> np.ndarray:
         return self.rows
 
+    def select(self, rows: np.ndarray) -> "Rows":
+        return self if len(rows) == len(self) else Rows(self.batch, self.rows[rows])
+
     def columns(self) -> list[str]:
         return self.batch.columns()
 
