@@ -2,6 +2,7 @@
 ``python -m winnow check``: validate params.yaml and the recipe without running anything.
 ``python -m winnow compare``: MLflow runs side by side (reports/compare/runs.md).
 ``python -m winnow sweep``: recipes x seeds as DVC experiments (reports/compare/demo.md).
+``python -m winnow ablation``: the paper's slice and dice of a recipe (reports/compare/ablation.md).
 ``python -m winnow publish``: every stage's current outputs to storage.uri.
 ``python -m winnow launch``: the torchrun command of a scale preset for a GPU cluster."""
 from __future__ import annotations
@@ -121,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--seeds", default="0,1,2")
     swp.add_argument("--scale", default="tiny")
     swp.add_argument("--table-only", action="store_true", help="rebuild the table from the saved results")
+    abl = sub.add_parser("ablation", help="the paper's slice and dice: a recipe's components added and left out, "
+                                          "x seeds, beside baselines -> reports/compare/ablation.md")
+    abl.add_argument("--spec", default="devil_in_details", help="configs/ablation/<spec>.yaml")
+    abl.add_argument("--seeds", default="0,1,2")
+    abl.add_argument("--scale", default="tiny")
+    abl.add_argument("--table-only", action="store_true", help="rebuild the table from the saved results")
     pub = sub.add_parser("publish", help="publish every stage's current outputs to storage.uri (stages DVC skipped too)")
     pub.add_argument("--uri", default=None, help="s3://bucket/prefix (default: storage.uri)")
     args, extra = ap.parse_known_args(argv)
@@ -150,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             print(sweep.write_table(rows))
             return 0
         return sweep.main(args.recipes.split(","), [int(x) for x in args.seeds.split(",")], args.scale)
+    if args.cmd == "ablation":
+        from winnow import ablation
+
+        return ablation.main(args.spec, [int(x) for x in args.seeds.split(",")], args.scale, args.table_only)
     if args.cmd == "compare":
         return _compare(args.limit)
     if args.cmd == "launch":

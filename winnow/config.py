@@ -45,6 +45,13 @@ class Noise(Section):
         return self
 
 
+class ConceptParams(Section):
+    """The demo pool's concept distribution (winnow.demo.world.Concepts); 0 and 0: the tasks' own,
+    uniform one."""
+    zipf: float = Field(0.0, ge=0, le=4)        # colour x shape concepts drawn with p ∝ rank^-zipf: a head and a tail
+    off_task: float = Field(0.0, ge=0, lt=1)    # share of scenes showing shapes no task asks about
+
+
 class PoolParams(Section):
     source: Literal["demo", "datacomp"] = "demo"
     uri: str = "data/pool"                   # datacomp: the download's --data_dir (metadata/ + shards/), or a
@@ -57,6 +64,8 @@ class PoolParams(Section):
     trusted_samples: int = Field(2000, ge=1)
     image_size: int = Field(64, ge=16)
     noise: Noise = Noise()
+    concepts: ConceptParams = ConceptParams()
+    trusted_signs: float = Field(0.4, ge=0, le=1)   # share of the scorer's trusted pairs that show a sign and name its text
     max_unreadable_tars: float = Field(0.0, ge=0, lt=1)   # gate: share of shards whose tar may be truncated/corrupt
 
 

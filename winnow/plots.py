@@ -112,3 +112,21 @@ def runs_chart(labels: list[str], averages: list[float]) -> bytes:
     ax.set_xlabel("average over tasks")
     ax.set_title("This run (green) against earlier runs")
     return _png(fig)
+
+
+def ablation(labels: list[str], means: list[float], stds: list[float], parts: list[str]) -> bytes:
+    """Horizontal bars with ± std whiskers: cumulative variants blue, leave-one-out orange,
+    baselines grey."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(labels) + 1.2))
+    y = np.arange(len(labels))[::-1]
+    colour = ["#90a4ae" if p == "baseline" else "#ef6c00" if p.startswith("−") else "#1976d2" for p in parts]
+    ax.barh(y, means, xerr=stds, color=colour, capsize=3)
+    ax.set_yticks(y, labels, fontsize=7)
+    for yi, m in zip(y, means):
+        ax.text(m, yi, f"  {m:.3f}", va="bottom", fontsize=7)
+    lo = min(m - s for m, s in zip(means, stds))
+    ax.set_xlim(max(0.0, lo - 0.05), max(m + s for m, s in zip(means, stds)) + 0.03)
+    ax.set_xlabel("average over tasks (mean over seeds)")
+    ax.set_title("Components added (blue), left out (orange), baselines (grey)")
+    return _png(fig)

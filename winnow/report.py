@@ -34,6 +34,7 @@ class RunData:
     provenance: dict = field(default_factory=dict)   # date, commit, DVC experiment, MLflow run, scale, pool source
     description: str = ""                            # the recipe's own description
     baseline: dict | None = None                     # the latest no_filter run at this scale (compare row), for Δ
+    ablation: dict = field(default_factory=dict)     # reports/compare/ablation.json (winnow.ablation), when run
 
 
 def _read(path) -> dict:
@@ -66,7 +67,8 @@ def collect(reports: str = "reports", scorer_dir: str = "models/scorer", filter_
         quality=_read(f"{scorer_dir}/quality.json"),
         timings={t.stem: json.loads(t.read_text())["wall_s"] for t in sorted(Path(reports, "timings").glob("*.json"))},
         decisions=read_decisions(d) if d.exists() else None,
-        truth=pd.read_parquet(wio.source(truth)) if truth else None, earlier=earlier or [])
+        truth=pd.read_parquet(wio.source(truth)) if truth else None, earlier=earlier or [],
+        ablation=_read(f"{reports}/compare/ablation.json"))
 
 
 @dataclass
@@ -163,6 +165,19 @@ def _sections(run: RunData, markdown: bool) -> list[tuple[str, list[str | Table]
                      r["samples_seen"], r["imagenet"], r["average"]] for r in run.earlier]
             out.append(("Earlier runs", [Table(["run", "recipe", "scale", "experiment", "subset size", "samples seen",
                                                 "ImageNet group", "average"], rows)]))
+    if run.ablation.get("rows"):
+        a = run.ablation
+
+        def cell(st):
+            return f"{st['mean']:.3f} ± {st['std']:.3f}" if st else "—"
+        rows = [[r["part"], r["variant"], "/".join(map(str, r["subset_size"])), len(r["seeds"]), cell(r["average"]),
+                 cell(r["imagenet"]), "—" if r["delta"] is None else f"{r['delta']:+.3f}",
+                 {True: "yes", False: "no", None: "—"}[r["beyond_spread"]]] for r in a["rows"]]
+        out.append((f"Ablation of {a['base']} (python -m winnow ablation)", [
+            "Cumulative rows add one component to the row above (Δ against it); leave-one-out rows drop one from the "
+            "full recipe (Δ against it); baselines: Δ = full recipe − baseline. Mean ± std over seeds, equal samples seen.",
+            Table(["part", "variant", "subset size", "seeds", "average", a.get("imagenet_group") or "ImageNet", "Δ average",
+                   "beyond seed spread"], rows)]))
     if run.timings:
         out.append(("Stage wall time (last run of each stage)", [Table(["stage", "seconds"], [[k, v] for k, v in run.timings.items()])]))
     return out
@@ -236,6 +251,12 @@ def figures(run: RunData, pool_dir: str | None, per_grid: int = 12, seed: int = 
             names.append("average" if s.get("average") is not None else f"partial average ({s.get('num_scored')} tasks)")
             values.append(avg)
         figs.append(("eval_groups", "Group means and average", plots.bars(names, values, "Per group")))
+    if run.ablation.get("rows"):
+        rows = [r for r in run.ablation["rows"] if r["average"]]
+        if rows:
+            figs.append(("ablation", "The ablation: average over seeds (bars: ± std)", plots.ablation(
+                [f"{r['part']} ({r['variant']})" for r in rows], [r["average"]["mean"] for r in rows],
+                [r["average"]["std"] for r in rows], [r["part"] for r in rows])))
     if run.earlier:
         labels = [f"{r['run']} · {r['recipe']}" for r in run.earlier if r["average"] is not None][:15]
         avgs = [r["average"] for r in run.earlier if r["average"] is not None][:15]
@@ -248,13 +269,19 @@ def figures(run: RunData, pool_dir: str | None, per_grid: int = 12, seed: int = 
 _TEMPLATES = Environment(loader=PackageLoader("winnow", "templates"), autoescape=select_autoescape(["html.j2"]),
                          trim_blocks=True, lstrip_blocks=True)
 _TEMPLATES.filters["cell"] = _cell
-_FIGURES_OF = {"Funnel": ("funnel", "hist_", "grid_"), "Evaluation": ("eval_",), "Earlier runs": ("earlier_",)}
+_FIGURES_OF = {"Funnel": ("funnel", "hist_", "grid_"), "Evaluation": ("eval_",), "Earlier runs": ("earlier_",),
+               "Ablation": ("ablation",)}
+
+
+def _figures_of(title: str) -> tuple[str, ...]:
+    """The figure stems a section shows: by the start of its title (the ablation's names its recipe)."""
+    return next((stems for start, stems in _FIGURES_OF.items() if title.startswith(start)), ())
 
 
 def build_html(run: RunData, figs: list[tuple[str, str, bytes]]) -> str:
     sections = [{"title": title, "blocks": blocks,
                  "figures": [(caption, base64.b64encode(png).decode("ascii")) for stem, caption, png in figs
-                             if stem.startswith(_FIGURES_OF.get(title, ()))]}
+                             if stem.startswith(_figures_of(title))]}
                 for title, blocks in _sections(run, markdown=False)]
     return _TEMPLATES.get_template("report.html.j2").render(recipe=run.funnel.get("recipe", "?"), sections=sections)
 

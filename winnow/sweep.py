@@ -33,12 +33,19 @@ def _env() -> dict:
     return env
 
 
-def run_one(recipe: str, seed: int, scale: str) -> dict:
+def recipe_name(recipe: str | dict) -> str:
+    """A recipe's name: a named recipe's, or an inline one's ``name`` (winnow.ablation's variants)."""
+    return recipe if isinstance(recipe, str) else str(recipe["name"])
+
+
+def run_one(recipe: str | dict, seed: int, scale: str) -> dict:
     """One DVC experiment (its own MLflow parent run, named after it: winnow.track); returns what
-    the table needs."""
+    the table needs. ``recipe``: a name, or an inline recipe (written into params.yaml, which DVC
+    tracks)."""
     from winnow.config import set_params
 
     set_params("params.yaml", {"filter.recipe": recipe, "train.seed": seed, "train.scale": scale})
+    recipe = recipe_name(recipe)
     name = f"{recipe}-s{seed}"
     # an experiment of the same name from an earlier sweep is replaced (`exp run --force` would also
     # force every stage to re-run, which is not what a sweep wants)
@@ -53,19 +60,19 @@ def run_one(recipe: str, seed: int, scale: str) -> dict:
             "kept_unique": funnel["kept_unique"]}
 
 
-def points(recipes: list[str], seeds: list[int], scale: str) -> list[dict]:
+def points(recipes: list[str | dict], seeds: list[int], scale: str) -> list[dict]:
     """The params each (recipe, seed) sets, as run_one sets them."""
     return [{"filter.recipe": r, "train.seed": s, "train.scale": scale} for r in recipes for s in seeds]
 
 
-def preflight_all(recipes: list[str], seeds: list[int], scale: str, path: str = "params.yaml") -> None:
+def preflight_all(recipes: list[str | dict], seeds: list[int], scale: str, path: str = "params.yaml") -> None:
     """Every point checked before any runs; one ParamsError naming each point that cannot."""
     from winnow import preflight
     from winnow.config import ParamsError
 
     bad, seen = [], set()
     for updates in points(recipes, seeds, scale):
-        key = (updates["filter.recipe"], updates["train.scale"])   # the seed changes no check's verdict
+        key = (recipe_name(updates["filter.recipe"]), updates["train.scale"])   # the seed changes no check's verdict
         if key in seen:
             continue
         seen.add(key)
@@ -73,7 +80,7 @@ def preflight_all(recipes: list[str], seeds: list[int], scale: str, path: str = 
             preflight.run(path, updates)
         except ParamsError as exc:
             lines = [line.strip() for line in str(exc).splitlines()[1:]]
-            bad.append(f"recipe {updates['filter.recipe']}, scale {scale}:" + "".join(f"\n    {x}" for x in lines))
+            bad.append(f"recipe {key[0]}, scale {scale}:" + "".join(f"\n    {x}" for x in lines))
     if bad:
         raise ParamsError("sweep: nothing run, these points cannot run:\n  " + "\n  ".join(bad))
 
@@ -85,26 +92,27 @@ def _put_back(saved: dict[str, bytes]) -> None:
                 Path(tmp).write_bytes(b)
 
 
-def sweep(recipes: list[str], seeds: list[int], scale: str) -> list[dict]:
+def sweep(recipes: list[str | dict], seeds: list[int], scale: str, results: Path = RESULTS) -> list[dict]:
     from winnow import preflight
 
     with preflight.workspace_lock():
         preflight_all(recipes, seeds, scale)
-        return _sweep(recipes, seeds, scale)
+        return _sweep(recipes, seeds, scale, results)
 
 
-def _sweep(recipes: list[str], seeds: list[int], scale: str) -> list[dict]:
+def _sweep(recipes: list[str | dict], seeds: list[int], scale: str, results: Path) -> list[dict]:
     saved = {p: Path(p).read_bytes() for p in ("params.yaml", "dvc.lock") if Path(p).exists()}
     rows = []
     try:
         for recipe in recipes:
             for seed in seeds:
-                path = RESULTS / f"{recipe}-s{seed}.json"
-                if path.exists() and read_json(path).get("scale") == scale:
+                path = results / f"{recipe_name(recipe)}-s{seed}.json"
+                # a saved point is reused only for the same scale and, inline, the same recipe
+                if path.exists() and read_json(path).get("scale") == scale and read_json(path).get("inline") in (None, recipe):
                     rows.append(read_json(path))
                     continue
-                print(f"\n=== sweep: {recipe}, seed {seed} ({len(rows) + 1}/{len(recipes) * len(seeds)}) ===", flush=True)
-                row = run_one(recipe, seed, scale)
+                print(f"\n=== sweep: {recipe_name(recipe)}, seed {seed} ({len(rows) + 1}/{len(recipes) * len(seeds)}) ===", flush=True)
+                row = run_one(recipe, seed, scale) | ({"inline": recipe} if isinstance(recipe, dict) else {})
                 write_json(path, row)
                 rows.append(row)
     finally:

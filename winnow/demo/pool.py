@@ -99,14 +99,16 @@ def make_samples(cfg: PoolParams, seed: int) -> list[Sample]:
         raise ValueError("pool.noise fractions leave no clean samples")
     kinds = [k for k in NOISE_KINDS if k not in ("exact_duplicate", "near_duplicate") for _ in range(counts[k])]
     rng.shuffle(kinds)
+    c = cfg.concepts
+    concepts = world.Concepts(c.zipf, c.off_task, seed) if (c.zipf or c.off_task) else None
     samples: list[Sample] = []
     for i, kind in enumerate(tqdm(kinds, desc="render pool", unit="img", mininterval=2)):
-        scene = Scene.random(rng)
+        scene = Scene.random(rng, concepts)
         s = Sample(kind=kind, scene=scene, caption="", caption_scene=scene)
         if kind == "mismatched":
-            other = Scene.random(rng)
+            other = Scene.random(rng, concepts)
             while other.shape == scene.shape and other.colour == scene.colour:
-                other = Scene.random(rng)
+                other = Scene.random(rng, concepts)
             s.caption_scene = other
             s.caption = world.caption_en(other, rng)
         elif kind == "non_english":
@@ -116,7 +118,7 @@ def make_samples(cfg: PoolParams, seed: int) -> list[Sample]:
             scene.text = word
             scene.count = int(rng.integers(0, 2))  # a sign, maybe beside one small object
             scene.size = "small"
-            s.caption = str(rng.choice([word, word.upper(), f"{word} {word}", f"{word}!"]))
+            s.caption = world.caption_parrot(word, rng)
             s.caption_scene = None
         elif kind == "uninformative":
             s.caption = world.caption_uninformative(rng)
@@ -154,6 +156,7 @@ class ClipSimulator:
         self.colour = dict(zip(world.COLOURS, unit(len(world.COLOURS))))
         self.count = unit(5)
         self.word = dict(zip(world.SIGN_WORDS, unit(len(world.SIGN_WORDS))))
+        self.shape |= dict(zip(world.OFF_TASK_SHAPES, unit(len(world.OFF_TASK_SHAPES))))   # drawn last: the others keep their vectors
         self.dim, self.offset = dim, offset
 
     def concept(self, scene: Scene | None, rng) -> np.ndarray:
@@ -222,6 +225,7 @@ def write_pool(cfg: PoolParams, seed: int, out: str) -> dict:
                 truth.append({"uid": uid, "kind": s.kind, "lang": s.lang, "shape": sc.shape if sc.count else None,
                               "colour": sc.colour if sc.count else None, "count": sc.count,
                               "background": sc.background, "scene_text": sc.text,
+                              "on_task": bool(sc.count) and sc.shape in world.SHAPES,
                               "duplicate_of": uid_of(s.source.url, s.source.caption) if s.source else None})
             shards.write_meta(root, stem, pa.Table.from_pylist(rows, schema=shards.META_SCHEMA))
             shards.write_npz(root, stem, {k: np.stack(v) for k, v in arrays.items()})
@@ -242,19 +246,16 @@ def _as_clean(s: Sample) -> Sample:
 
 
 def write_trusted(cfg: PoolParams, seed: int, out: str) -> int:
-    """Clean, well-captioned pairs (incl. signs whose caption names their text) for the scorer."""
+    """Clean, well-captioned pairs for the scorer, a share ``trusted_signs`` of them signs whose
+    caption names their text: web-trained CLIP learns to read from such pairs, and so rewards a
+    caption that only repeats an image's text (the flipped-image score's target)."""
     rng = np.random.default_rng([seed, 3])
     samples = []
     for i in tqdm(range(cfg.trusted_samples), desc="render trusted", unit="img", mininterval=2):
         scene = Scene.random(rng)
-        if rng.random() < 0.15:
-            scene.text = world.sign_text(rng)
-            if rng.random() < 0.5:
-                scene.count = 0
-                caption = str(rng.choice(["a sign that says {w}", "the word {w}", "{w} sign"])).format(w=scene.text)
-            else:
-                scene.size = "small"
-                caption = world.caption_en(scene, rng) + f" and the word {scene.text}"
+        if rng.random() < cfg.trusted_signs:
+            scene.text, scene.count = world.sign_text(rng), 0
+            caption = str(rng.choice(["a sign that says {w}", "the word {w}", "{w} sign", "{w}"])).format(w=scene.text)
         else:
             caption = world.caption_en(scene, rng)
         img = world.jpeg(world.render(scene, rng, cfg.image_size, cfg.image_size))

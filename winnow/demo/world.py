@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross"]
+# Shapes the web draws but no demo task asks about: the pool's off-task concepts (pool.concepts).
+OFF_TASK_SHAPES = ["hexagon", "pentagon", "arrow"]
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
     "purple": (140, 50, 170), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15),
@@ -22,12 +24,17 @@ BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (30, 
 COUNT_WORDS = ["one", "two", "three", "four"]
 SIZES = ["small", "large"]
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
-          "star": "stars", "cross": "crosses"}
+          "star": "stars", "cross": "crosses", "hexagon": "hexagons", "pentagon": "pentagons", "arrow": "arrows"}
 
 # Words that appear on signs; the trusted set teaches the scorer to read them (as web data teaches
 # CLIP), so pool images whose caption only parrots their scene text score high unless flipped.
-SIGN_WORDS = ["sale", "open", "pizza", "hotel", "coffee", "exit", "stop", "taxi", "bank", "books",
-              "music", "beach", "garden", "cinema", "bakery", "market"]
+# Eight short words, drawn large (TEXT_SCALE): few enough that the demo's tiny scorer learns to
+# read them in its 16 epochs (with 16 words of up to 6 letters it never did: word accuracy at chance).
+SIGN_WORDS = ["sale", "open", "stop", "taxi", "bank", "exit", "shop", "cafe"]
+TEXT_SCALE = 3          # the text's height is the image side / TEXT_SCALE
+# How the web captions an image whose text it copies: the text alone, repeated, or in a phrase
+# (these pass the caption-length and language checks).
+PARROT = ["{w}", "{W}!", "{w} {w} {w}", "the {w} sign", "a {w} sign on the wall", "{W} {W} {W} {W}"]
 
 EN_TEMPLATES = [
     "a photo of {count} {colour} {shapes} on a {bg} background",
@@ -85,11 +92,35 @@ class Scene:
     outline: bool = False     # drawn as outline only (distribution-shifted style)
 
     @staticmethod
-    def random(rng: np.random.Generator) -> "Scene":
-        colour = str(rng.choice(list(COLOURS)))
+    def random(rng: np.random.Generator, concepts: "Concepts | None" = None) -> "Scene":
+        """A uniform scene (the tasks' distribution), or one from the pool's ``concepts``."""
+        if concepts is None:
+            colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        else:
+            colour, shape = concepts.draw(rng)
         bgs = [b for b in BACKGROUNDS if b != colour]
-        return Scene(shape=str(rng.choice(SHAPES)), colour=colour, count=int(rng.integers(1, 5)),
+        return Scene(shape=shape, colour=colour, count=int(rng.integers(1, 5)),
                      size=str(rng.choice(SIZES)), background=str(rng.choice(bgs)))
+
+
+class Concepts:
+    """The pool's concept distribution, shifted from the tasks' uniform one as web data is:
+    (colour, shape) pairs ranked in a fixed random order have probability ∝ rank^-zipf (head
+    concepts redundant, tail ones rare), and a share ``off_task`` of scenes show shapes no task
+    asks about."""
+
+    def __init__(self, zipf: float, off_task: float, seed: int):
+        pairs = [(c, s) for c in COLOURS for s in SHAPES]
+        order = np.random.default_rng([seed, 5]).permutation(len(pairs))
+        self.pairs = [pairs[i] for i in order]
+        w = np.arange(1, len(pairs) + 1, dtype=float) ** -zipf
+        self.p = w / w.sum()
+        self.off_task = off_task
+
+    def draw(self, rng: np.random.Generator) -> tuple[str, str]:
+        if rng.random() < self.off_task:
+            return str(rng.choice(list(COLOURS))), str(rng.choice(OFF_TASK_SHAPES))
+        return self.pairs[int(rng.choice(len(self.pairs), p=self.p))]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -106,6 +137,14 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             a = -math.pi / 2 + i * math.pi / 5
             pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
         return pts
+    if shape in ("hexagon", "pentagon"):
+        k = 6 if shape == "hexagon" else 5
+        return [(cx + r * math.cos(-math.pi / 2 + 2 * math.pi * i / k), cy + r * math.sin(-math.pi / 2 + 2 * math.pi * i / k))
+                for i in range(k)]
+    if shape == "arrow":
+        w = r * 0.3
+        return [(cx - r, cy - w), (cx + 0.2 * r, cy - w), (cx + 0.2 * r, cy - r * 0.7), (cx + r, cy),
+                (cx + 0.2 * r, cy + r * 0.7), (cx + 0.2 * r, cy + w), (cx - r, cy + w)]
     if shape == "cross":
         w = r * 0.38
         return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
@@ -139,7 +178,7 @@ def render(scene: Scene, rng: np.random.Generator, width: int = 64, height: int 
             pts = _polygon(scene.shape, cx, cy, r)
             draw.polygon(pts, outline=colour, width=2) if scene.outline else draw.polygon(pts, fill=colour)
     if scene.text:
-        font = ImageFont.load_default(size=max(8, side // 4))
+        font = ImageFont.load_default(size=max(8, side // TEXT_SCALE))
         tw = draw.textlength(scene.text.upper(), font=font)
         x = max(1.0, (width - tw) / 2 + rng.uniform(-2, 2))
         y = height * rng.uniform(0.30, 0.45)
@@ -172,6 +211,11 @@ def caption_foreign(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 
 def sign_text(rng: np.random.Generator) -> str:
     return str(rng.choice(SIGN_WORDS))
+
+
+def caption_parrot(word: str, rng: np.random.Generator) -> str:
+    """A web caption that only repeats the image's scene text."""
+    return str(rng.choice(PARROT)).format(w=word, W=word.upper())
 
 
 def caption_uninformative(rng: np.random.Generator) -> str:
