@@ -89,10 +89,11 @@ def test_the_pool_concepts_have_a_head_a_tail_and_off_task_shapes(tmp_path):
     from winnow.demo import world
 
     cfg = PoolParams(num_samples=3000, shard_size=1000, trusted_samples=10, noise={k: 0.0 for k in (
-        "mismatched", "non_english", "scene_text", "uninformative", "bad_size", "exact_duplicate", "near_duplicate")},
+        "mismatched", "scene_text", "uninformative", "bad_size", "exact_duplicate", "near_duplicate")} | {"non_english": 0.1},
                      concepts={"zipf": 1.0, "off_task": 0.25})
     samples = demo.make_samples(cfg, 0)
     off = np.mean([s.scene.shape in world.OFF_TASK_SHAPES for s in samples])
+    assert any(s.lang != "en" and s.scene.shape in world.OFF_TASK_SHAPES for s in samples)   # captioned in every language
     assert 0.2 < off < 0.3
     on = pd.Series([(s.scene.colour, s.scene.shape) for s in samples if s.scene.shape in world.SHAPES]).value_counts()
     c = world.Concepts(1.0, 0.25, 0)

@@ -44,6 +44,21 @@ def test_unknown_recipe():
     one(preflight.check(params(filter={"recipe": "basik"})), "filter.recipe 'basik'", "basic")
 
 
+def test_unknown_models_and_negative_seeds():
+    """Values that used to pass the check and then fail inside the pool or scorer stage, after DVC had
+    removed its outputs (found by a new-user acceptance run)."""
+    one(preflight.check(params(scorer={"model": "ViT-Nope"})), "scorer.model", "ViT-Nope")
+    one(preflight.check(copy.deepcopy(MICRO_PARAMS) | {"seed": -1}), "seed")
+    one(preflight.check(params(train={"seed": -1})), "train.seed")
+
+
+def test_compare_never_creates_a_tracking_store(tmp_path):
+    from winnow.compare import runs_table
+
+    assert runs_table(f"sqlite:///{tmp_path}/mlflow.db", "winnow") == []
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_unknown_suite():
     one(preflight.check(params(eval={"suite": "nope"})), "eval.suite 'nope'", "datacomp38")
 

@@ -18,6 +18,8 @@ from winnow.io import atomic_file
 def runs_table(tracking_uri: str, experiment: str, limit: int = 50, current: str | None = None) -> list[dict]:
     """Rows of FINISHED parent runs with a headline, newest first; ``current`` (the run being
     reported, still running) is listed too."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return []       # no store yet: reading one must not create it
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri)

@@ -121,7 +121,7 @@ class Filter(Section):
 
 class Train(Section):
     scale: str = "tiny"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)   # numpy and torch take seeds in [0, 2^32)
 
 
 class Tracking(Section):
@@ -135,7 +135,7 @@ class Storage(Section):
 
 
 class Params(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)   # numpy and torch take seeds in [0, 2^32)
     pool: PoolParams = PoolParams()
     eval: Eval = Eval()
     scorer: Scorer = Scorer()

@@ -46,16 +46,23 @@ def resolve_weights(pretrained: str | None) -> str | None:
     return pretrained
 
 
+def check_known(model: str, what: str = "scorer.model") -> None:
+    """An open_clip architecture (or one of configs/models), else a ModelError naming ``what``."""
+    import open_clip
+
+    register_configs()
+    if model not in open_clip.list_models():
+        raise ModelError(f"{what}: unknown open_clip model '{model}'; see open_clip.list_models() or add "
+                         f"a config to {CONFIGS / 'models'}")
+
+
 def load(model: str, pretrained: str | None = None, device: str = "cpu"):
     """Return ``(model.eval(), preprocess, tokenizer)``. ``pretrained``: None, an open_clip tag, a
     local checkpoint path or an ``s3://`` URI of one."""
     import open_clip
 
-    register_configs()
+    check_known(model, "model")
     pretrained = resolve_weights(pretrained)
-    if model not in open_clip.list_models():
-        raise ModelError(f"unknown open_clip model '{model}'; see open_clip.list_models() or add "
-                         f"a config to {CONFIGS / 'models'}")
     if pretrained and not Path(pretrained).exists() and "://" not in pretrained:
         tags = [t for m, t in open_clip.list_pretrained() if m == model]
         if pretrained not in tags and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):

@@ -41,7 +41,7 @@ def needs(recipe, pool: Pool, name: str) -> tuple[dict, list[dict]]:
                                 f"embed stage makes only {', '.join(sorted(products))}")
     if problems:
         raise ParamsError(f"recipe '{recipe.name}' cannot run on this pool:\n  " + "\n  ".join(problems))
-    targets = any(_task_targets(s, recipe.targets) for s in recipe.steps)
+    targets = any(_task_targets(leaf, recipe.targets) for s in recipe.steps for leaf in s.leaves())
     verdict = {"scorer": bool(encode or targets), "encode": sorted(encode), "targets": targets,
                "name": name if encode or targets else None}
     return verdict, rows

@@ -178,7 +178,12 @@ def check(params: dict | Params, source: str = "params.yaml") -> list[str]:
     from winnow.filters.engine import params_recipe
 
     recipe = attempt(params_recipe, p.filter)
-    attempt(load_scale, p.train.scale)
+    scale = attempt(load_scale, p.train.scale)
+    from winnow.models import check_known
+
+    attempt(check_known, p.scorer.model)
+    if scale is not None:
+        attempt(check_known, scale["model"], f"train.scale {p.train.scale}'s model")
     attempt(_suite, p.eval.suite)
     if p.pool.source == "demo":
         columns, keys = _demo_schema()

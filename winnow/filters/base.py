@@ -41,6 +41,10 @@ class Step(BaseModel):
     def label(self) -> str:
         return self.name or self.kind
 
+    def leaves(self) -> list["Step"]:
+        """The steps that decide: this one, or a group's (any_of) steps."""
+        return [self]
+
     def requires(self) -> tuple[list[str], list[str]]:
         """(metadata/score columns, embedding keys) this step reads — checked before any work."""
         return [], []

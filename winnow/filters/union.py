@@ -87,6 +87,9 @@ class AnyOf(Step):
         """(branch, label, step) for every step, in branch order."""
         return [(b, lab, s) for b in self.branches for lab, s in zip(self._step_labels(b), b.steps)]
 
+    def leaves(self) -> list[Step]:
+        return [s for _, _, s in self.nested()]
+
     def requires(self):
         cols = sorted({c for _, _, s in self.nested() for c in s.requires()[0]})
         keys = sorted({k for _, _, s in self.nested() for k in s.requires()[1]})
