@@ -1,7 +1,8 @@
 """The seed paper's "slice and dice" on the demo (``python -m winnow ablation``): variants of a base
 recipe with its components taken away, cumulative (each adds the next component to the ones
 before) and leave-one-out (the full recipe less one), beside baselines, each at equal samples seen
-over several seeds, as sweep points (winnow.sweep: DVC experiments, MLflow runs, resumable).
+over several seeds, as sweep points (winnow.sweep: DVC experiments, MLflow runs, resumable; the
+results are kept beside the demo sweep's, reports/compare/demo/, so a point both run runs once).
 
 The spec is ``configs/ablation/<base>.yaml``: the base recipe, its components in the paper's order,
 each a list of paths into the recipe (a step label; ``any_of/branch`` for a branch of an
@@ -21,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
 from winnow.io import atomic_file, read_json, write_json
 
-RESULTS = Path("reports/compare/ablation")
 TABLE = Path("reports/compare/ablation.md")
 
 
@@ -192,9 +192,9 @@ def main(name: str, seeds: list[int], scale: str, table_only: bool = False) -> i
         spec = load_spec(name)
         plan = variants(spec)
         if table_only:
-            rows = [read_json(p) for p in sorted(RESULTS.glob("*.json"))]
-        else:
-            rows = sweep.sweep(list(spec.baselines) + [v["recipe"] for v in plan], seeds, scale, RESULTS)
+            rows = [read_json(p) for p in sorted(sweep.RESULTS.glob("*.json"))]
+        else:   # the demo sweep's results: a point both run (no_filter, the full recipe) runs once
+            rows = sweep.sweep(list(spec.baselines) + [v["recipe"] for v in plan], seeds, scale)
     except WinnowError as exc:
         print(str(exc), file=sys.stderr)
         return getattr(exc, "exit_code", 1)
