@@ -6,7 +6,7 @@ import pytest
 from tests.test_steps import pool_with_targets, recipe  # noqa: F401  (fixture)
 from winnow.config import ParamsError
 from winnow.executor import Executor
-from winnow.filters.engine import run
+from winnow.filters.engine import load_recipe, run
 from winnow.pool import shards
 from winnow.pool import uids as U
 
@@ -145,3 +145,47 @@ def test_rebalance_after_upsampling_counts_the_copies(pool_with_targets, tmp_pat
     # floor(4 x its cluster's rate) copies, and since the rates are computed on copies, some
     # retrieved samples keep more than one (a count of samples would have kept 0 or 4)
     assert set(np.unique(after[before == 4])) - {0, 4}
+
+
+def test_the_shipped_devil_in_details_runs_its_union_and_rebalance(demo_pool, tmp_path):
+    """The paper's recipe as shipped, on the micro pool with an embed stage's outputs stood in by the
+    pool's own b32 features (score: their cosine; flipped score: lower for scene text, as a reading
+    scorer's): every stage-1 step, the union and rebalance decide, and the same copies on every
+    executor."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from winnow.pool.view import Pool
+
+    embed = tmp_path / "embed"
+    embed.mkdir()
+    truth = pd.read_parquet(demo_pool / "truth.parquet").set_index("uid")
+    first = None
+    for s in shards.discover(str(demo_pool)):
+        z = shards.read_npz(str(demo_pool), s)
+        img, txt = z["b32_img"].astype(np.float32), z["b32_txt"].astype(np.float32)
+        uid = shards.read_meta(str(demo_pool), s).column("uid").to_pylist()
+        score = (img * txt).sum(1)
+        flip = score - np.where(truth.loc[uid, "kind"].to_numpy() == "scene_text", 0.3, 0.0)
+        pq.write_table(pa.table({"uid": uid, "scorer_score": score, "scorer_flip_score": flip,
+                                 "image_ok": np.ones(len(uid), bool)}), embed / f"{s}.parquet")
+        np.savez(embed / f"{s}.npz", scorer_img=img, scorer_img_flip=img, scorer_txt=txt)
+        first = img if first is None else first
+    np.savez(embed / "targets.npz", **{"img:shapes": first[:20].astype(np.float16), "txt:shapes": first[20:30].astype(np.float16)})
+    pool = Pool.open(str(demo_pool), embed_uri=str(embed))
+    outs = {}
+    for ex in ("serial", "processes"):
+        f = run(load_recipe("devil_in_details"), pool, str(tmp_path / ex), executor=Executor(ex, 2))
+        outs[ex] = (tmp_path / ex / "uids.npy").read_bytes()
+    assert outs["serial"] == outs["processes"]
+    steps = {s["step"]: s for s in f["steps"]}
+    assert list(steps) == ["image_size", "caption_length", "uninformative", "language", "dedup_exact", "aligned", "rebalance"]
+    union = steps["aligned"]["state"]["branches"]
+    assert union["task"]["steps"]["retrieval"]["retrieved"] > 0 and "max_drop" in union["cross_modal"]["steps"]["flip_score"]
+    d = pd.read_parquet(tmp_path / "serial" / "decisions.parquet")
+    cross, task = d["branch.cross_modal:aligned"] > 0, d["branch.task:aligned"] > 0
+    reached = d["keep:dedup_exact"].fillna(False).astype(bool)
+    assert (task & ~cross & reached).any(), "retrieval adds samples the cross-modal branch dropped"
+    kept = d.multiplicity > 0
+    assert (d["keep:aligned"].fillna(False).astype(bool) == (reached & (cross | task))).all()
+    assert not (kept & truth.loc[d.uid, "kind"].isin(["bad_size", "non_english", "uninformative"]).to_numpy()).any()
