@@ -135,7 +135,8 @@ def iter_tar(uri: str, shard: str) -> Iterator[dict]:
     (images, txt, json, cls: ``winnow.decode.ALLOWED_SUFFIXES``), each at most
     ``decode.MAX_MEMBER_BYTES``; others are skipped unread. A truncated or corrupt tar raises
     ShardError naming the shard: tarfile itself ends quietly at a cut-off header, so the archive's
-    end-of-file blocks are checked too.
+    end-of-file blocks are checked too. Every sample read whole before the cut is yielded first,
+    the last one included (it ends where the cut-off member begins).
     """
     from winnow import decode
 
@@ -143,11 +144,11 @@ def iter_tar(uri: str, shard: str) -> Iterator[dict]:
     if not wio.exists(p):
         raise ShardError(f"shard {shard}: images {p} are missing")
     end = 0
+    current: dict = {}
     try:
         with wio.open_read(p) as raw:
             fh = _Tail(raw)
             with tarfile.open(fileobj=fh, mode="r|") as tf:   # stream mode: reads as it downloads
-                current: dict = {}
                 for m in tf:
                     if not m.isreg():
                         continue
@@ -155,18 +156,21 @@ def iter_tar(uri: str, shard: str) -> Iterator[dict]:
                     key, ext = decode.member_suffix(m.name)
                     if not decode.allowed_member(m.name) or m.size > decode.MAX_MEMBER_BYTES:
                         continue    # never read: a pickle, or a member too large to hold (stream mode skips it)
+                    if current and key != current["__key__"]:
+                        yield _sample(current)     # whole: before this member is read, which may be cut off
+                        current = {}
                     data = tf.extractfile(m).read()
                     if len(data) != m.size:
                         raise ShardError(f"shard {shard}: tar {p} is truncated inside member {m.name!r}")
-                    if current and key != current["__key__"]:
-                        yield _sample(current)
-                        current = {}
                     current.setdefault("__key__", key)
                     current[ext] = data
                 if current:
                     yield _sample(current)
+                    current = {}
             fh.drain()
     except (tarfile.TarError, OSError, json.JSONDecodeError) as exc:
+        if current:     # cut off at a header: the members read before it are whole
+            yield _sample(current)
         raise ShardError(f"shard {shard}: tar {p} is unreadable: {type(exc).__name__}: {exc}") from None
     except Exception as exc:   # a network failure mid-stream (after boto3's retries): fail, naming the object
         if type(exc).__module__.split(".")[0] in ("botocore", "urllib3"):
