@@ -116,7 +116,7 @@ def make_samples(cfg: PoolParams, seed: int) -> list[Sample]:
         elif kind == "scene_text":
             word = world.sign_text(rng)
             scene.text = word
-            scene.count = int(rng.integers(0, 2))  # a sign, maybe beside one small object
+            scene.count = 0                        # a sign
             scene.size = "small"
             s.caption = world.caption_parrot(word, rng)
             s.caption_scene = None
@@ -126,6 +126,8 @@ def make_samples(cfg: PoolParams, seed: int) -> list[Sample]:
         else:  # clean, bad_size
             s.caption = world.caption_en(scene, rng)
         s.width, s.height = _original_size(rng, bad=(kind == "bad_size"))
+        if kind == "scene_text":      # a sign photographed face on: square, its text whole after a centre crop
+            s.width = s.height = min(s.width, s.height)
         sw, sh = _stored_size(s.width, s.height, cfg.image_size)
         s.image = world.jpeg(world.render(scene, rng, sw, sh))
         s.url = world.url(rng, s.caption, i)

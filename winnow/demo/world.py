@@ -32,9 +32,9 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "di
 # read them in its 16 epochs (with 16 words of up to 6 letters it never did: word accuracy at chance).
 SIGN_WORDS = ["sale", "open", "stop", "taxi", "bank", "exit", "shop", "cafe"]
 TEXT_SCALE = 3          # the text's height is the image side / TEXT_SCALE
-# How the web captions an image whose text it copies: the text alone, repeated, or in a phrase
-# (these pass the caption-length and language checks).
-PARROT = ["{w}", "{W}!", "{w} {w} {w}", "the {w} sign", "a {w} sign on the wall", "{W} {W} {W} {W}"]
+# How the web captions an image whose text it copies: the text in a phrase, alone, or repeated
+# (most pass the caption-length and language checks, and read like the signs the scorer learnt on).
+PARROT = ["a sign that says {w}", "the word {w}", "the {w} sign", "{w} sign on the wall", "{W}!", "{w} {w} {w}"]
 
 EN_TEMPLATES = [
     "a photo of {count} {colour} {shapes} on a {bg} background",
