@@ -285,12 +285,17 @@ def _prior(work: Path, starts: list[int], shard: str) -> list[str]:
     return [str(work / f"{i}-{shard}.npz") for i in starts]
 
 
+def _prior_verdicts(work: Path, starts: list[int], shard: str) -> list[np.ndarray]:
+    """The verdicts of every step of the groups already decided for this shard, in step order."""
+    return [v for f in _prior(work, starts, shard) for v in _load(f)]
+
+
 def _decide_group(steps: list[Step], fitted: list, start: int, starts: list[int], pool: Pool, work: Path,
                   decide: str, unit: str) -> dict:
     """One group's verdicts on one shard (a unit of a pass), written to the work directory.
     ``steps``: the recipe's steps up to the group's end; the group starts at ``start``."""
     batch = pool.batch(unit)
-    prior = [v for f in _prior(work, starts, unit) for v in _load(f)]
+    prior = _prior_verdicts(work, starts, unit)
     out, seconds = _decide(steps[start:], fitted, batch, steps[:start], prior, decide)
     with atomic_file(work / f"{start}-{unit}.npz", jobs.UNIT_DURABLE) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{f"v{i}": v for i, v in enumerate(out)})
@@ -300,7 +305,7 @@ def _decide_group(steps: list[Step], fitted: list, start: int, starts: list[int]
 def _fit_part(step: Step, earlier: list[Step], state, pool: Pool, work: Path, starts: list[int], pass_no: int,
               unit: str):
     batch = pool.batch(unit)
-    copies = _copies(earlier, [v for f in _prior(work, starts, unit) for v in _load(f)], len(batch))
+    copies = _copies(earlier, _prior_verdicts(work, starts, unit), len(batch))
     return step.fit_shard(batch, copies if step.sets_copies else copies > 0, pass_no, state)
 
 
@@ -311,7 +316,7 @@ def _finish(recipe: Recipe, fitted: list, pool: Pool, work: Path, starts: list[i
     all on the worker, in one read of the shard; the driver merges."""
     steps, labels = recipe.steps, recipe.labels()
     batch = pool.batch(unit)
-    vs = [v for f in _prior(work, starts, unit) for v in _load(f)]   # the earlier groups' verdicts, read once
+    vs = _prior_verdicts(work, starts, unit)   # the earlier groups' verdicts, read once
     last_vs, seconds = _decide(steps[last:], fitted[last:], batch, steps[:last], vs, decide)
     vs += last_vs
     uid = batch.arrow("uid")
@@ -458,7 +463,7 @@ def _fit(step: Step, earlier: list[Step], label: str, recipe: str, pool: Pool, w
     redo, so not recorded), or its own fit over the pool. ``earlier``: the steps before it."""
     if not step.fit_passes:
         def alive(shard):
-            copies = _copies(earlier, [v for f in _prior(work, starts, shard) for v in _load(f)], len(pool.batch(shard)))
+            copies = _copies(earlier, _prior_verdicts(work, starts, shard), len(pool.batch(shard)))
             return copies if step.sets_copies else copies > 0
         return step.fit(pool, alive)
     state = step.fit_begin(pool)
