@@ -41,3 +41,33 @@ def test_every_point_is_preflighted_before_any_runs(tmp_path, monkeypatch):
     assert "filter.recipe 'basik'" in str(e.value) and "recipe basic" not in str(e.value)
     assert ran == [] and (tmp_path / "params.yaml").read_bytes() == before
     assert S.main(["no_filter"], [0], "huge") == 2                    # the CLI: the message and exit 2
+
+
+def test_a_saved_point_is_reused_only_for_the_same_recipe_steps_scale_and_world(tmp_path, monkeypatch):
+    """Editing a named recipe's steps, or regenerating the pool, re-runs its points; renaming or
+    rewording it does not."""
+    import yaml
+
+    from tests.helpers import MICRO_PARAMS, write_params
+    from winnow import sweep as S
+
+    write_params(tmp_path, MICRO_PARAMS)
+    monkeypatch.chdir(tmp_path)
+    recipe = {"name": "r", "description": "x", "steps": [{"step": "clip_score", "fraction": 0.3}]}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"pool": {"outs": [{"path": "data/pool", "md5": "a.dir"}]}}}))
+    key = S.point_key(recipe, "micro")
+    assert S.point_key(recipe | {"name": "other", "description": "y"}, "micro") == key
+    assert S.point_key(recipe | {"steps": [{"step": "clip_score", "fraction": 0.4}]}, "micro") != key
+    assert S.point_key(recipe, "tiny") != key
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"pool": {"outs": [{"path": "data/pool", "md5": "b.dir"}]}}}))
+    assert S.point_key(recipe, "micro") != key
+
+    ran = []
+    monkeypatch.setattr(S, "run_one", lambda r, seed, scale: ran.append(seed) or {"recipe": "r", "seed": seed})
+    monkeypatch.setattr(S.subprocess, "run", lambda *a, **k: None)      # no dvc checkout here
+    S._sweep([recipe], [0, 1], "micro", tmp_path / "res")
+    assert ran == [0, 1]
+    S._sweep([recipe], [0, 1], "micro", tmp_path / "res")
+    assert ran == [0, 1]                                                  # both reused
+    S._sweep([recipe | {"steps": [{"step": "clip_score", "fraction": 0.4}]}], [0, 1], "micro", tmp_path / "res")
+    assert ran == [0, 1, 0, 1]                                            # same name, new steps: re-run

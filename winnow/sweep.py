@@ -3,8 +3,9 @@ filtering pays (``python -m winnow sweep``).
 
 Each (recipe, seed) is one ``dvc exp run -n <recipe>-s<seed>`` (DVC re-runs only filter onward;
 pool, tasks, scorer and embed come from the cache), its own MLflow parent run, so the runs are also
-in ``winnow compare``. Each result is kept in ``reports/compare/demo/<recipe>-s<seed>.json``, so an
-interrupted sweep resumes with the runs it lacks. ``reports/compare/demo.md`` gives, per recipe,
+in ``winnow compare``. Each result is kept in ``reports/compare/demo/<recipe>-s<seed>.json`` with
+its ``point_key`` (the recipe's steps, the scale and the locked world), so an interrupted sweep
+resumes with the runs it lacks and an edited recipe or a new pool re-runs its points. ``reports/compare/demo.md`` gives, per recipe,
 the mean, standard deviation and range over seeds of the average and of each group, and whether
 the recipe beats ``no_filter`` by more than the seed spread (its worst seed above no_filter's best).
 Every point is preflighted (winnow.preflight) before any runs, so a misspelt recipe fails the
@@ -36,6 +37,27 @@ def _env() -> dict:
 def recipe_name(recipe: str | dict) -> str:
     """A recipe's name: a named recipe's, or an inline one's ``name`` (winnow.ablation's variants)."""
     return recipe if isinstance(recipe, str) else str(recipe["name"])
+
+
+def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock") -> str:
+    """What a point's result depends on besides its seed: the recipe's steps (not its name or
+    prose), the scale, and the world the lock records (pool, tasks, scorer, embeddings). A saved
+    point is reused only under the same key, so editing a named recipe or regenerating the pool
+    re-runs it instead of reusing a number measured on something else."""
+    import hashlib
+    import json
+
+    from winnow.config import CONFIGS, load_yaml
+
+    if isinstance(recipe, dict):
+        raw = dict(recipe)
+    else:       # as load_recipe finds it: a path to a .yaml, or configs/recipes/<name>.yaml
+        raw = load_yaml(recipe if recipe.endswith((".yaml", ".yml")) else CONFIGS / "recipes" / f"{recipe}.yaml")
+    stages = (load_yaml(Path(lock)) or {}).get("stages", {}) if Path(lock).exists() else {}
+    world = {st: [o.get("md5") for o in stages.get(st, {}).get("outs", [])[:1]]
+             for st in ("pool", "tasks", "scorer", "embed")}
+    doc = {"steps": raw.get("steps"), "bounds": raw.get("bounds"), "scale": scale, "world": world}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_one(recipe: str | dict, seed: int, scale: str) -> dict:
@@ -107,12 +129,12 @@ def _sweep(recipes: list[str | dict], seeds: list[int], scale: str, results: Pat
         for recipe in recipes:
             for seed in seeds:
                 path = results / f"{recipe_name(recipe)}-s{seed}.json"
-                # a saved point is reused only for the same scale and, inline, the same recipe
-                if path.exists() and read_json(path).get("scale") == scale and read_json(path).get("inline") in (None, recipe):
+                key = point_key(recipe, scale)
+                if path.exists() and read_json(path).get("key") == key:
                     rows.append(read_json(path))
                     continue
                 print(f"\n=== sweep: {recipe_name(recipe)}, seed {seed} ({len(rows) + 1}/{len(recipes) * len(seeds)}) ===", flush=True)
-                row = run_one(recipe, seed, scale) | ({"inline": recipe} if isinstance(recipe, dict) else {})
+                row = run_one(recipe, seed, scale) | {"key": key} | ({"inline": recipe} if isinstance(recipe, dict) else {})
                 write_json(path, row)
                 rows.append(row)
     finally:
