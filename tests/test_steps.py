@@ -231,3 +231,26 @@ def test_flip_drop_quantile_is_an_exact_rank_rule(demo_pool, tmp_path):
     assert f["kept_unique"] == int((drop <= want).sum()) and 0.75 * len(drop) <= f["kept_unique"] <= 0.85 * len(drop)
     with pytest.raises(ParamsError, match="exactly one of 'max_drop' or 'max_drop_quantile'"):
         load_recipe({"name": "r", "steps": [{"step": "flip_score", "max_drop": 0.1, "max_drop_quantile": 0.9}]})
+
+
+@pytest.mark.parametrize("mode", ["min", "flipped"])
+def test_flip_fraction_keeps_the_top_of_the_min_or_flipped_score(demo_pool, tmp_path, mode):
+    """``mode: min`` / ``flipped`` with ``fraction: f`` keeps the top f of the samples it decides by
+    min(score, flipped score) / the flipped score, exactly DataComp's top-fraction rule on that
+    value. The pool's two metadata scores stand in for a score and its flipped-image score."""
+    from winnow.filters.clip_score import top_fraction_threshold
+
+    meta = pd.concat([shards.read_meta(str(demo_pool), s).to_pandas() for s in shards.discover(str(demo_pool))])
+    s = meta.clip_l14_similarity_score.to_numpy(np.float32)
+    fl = meta.clip_b32_similarity_score.to_numpy(np.float32)
+    v = np.minimum(s, fl) if mode == "min" else fl
+    steps = [{"step": "flip_score", "score": "clip_l14_similarity_score", "flip_score": "clip_b32_similarity_score",
+              "mode": mode, "fraction": 0.4}]
+    f = run(recipe(tmp_path, steps), Pool.open(str(demo_pool)), str(tmp_path / "out"))
+    want = top_fraction_threshold(v, 0.4)
+    assert f["steps"][0]["state"]["threshold"] == want
+    assert f["kept_unique"] == int((v >= want).sum()) and 0.35 * len(v) <= f["kept_unique"] <= 0.45 * len(v)
+    for bad in ({"mode": mode}, {"mode": mode, "threshold": 0.2, "fraction": 0.4},
+                {"mode": mode, "fraction": 0.4, "max_drop": 0.1}, {"max_drop": 0.1, "fraction": 0.4}):
+        with pytest.raises(ParamsError, match="exactly one of|takes"):
+            load_recipe({"name": "r", "steps": [{"step": "flip_score"} | bad]})

@@ -146,49 +146,62 @@ class FlipScore(Step):
     ``mode``: ``drop`` keeps samples whose score falls by at most ``max_drop`` when the image is
     flipped — or, with ``max_drop_quantile: q``, by at most the q-quantile of the drops of the
     samples it decides (exact, two histogram passes like the top-fraction rule: the value at
-    descending rank int(N(1-q)), so about the (1-q) largest drops go), a rule in the scorer's own
-    units that reads the same on the demo scorer and on OpenAI CLIP cosines; ``flipped`` keeps
-    flipped-image score >= ``threshold``; ``min`` keeps min(score, flipped score) >= ``threshold``."""
+    descending rank int(N(1-q)), so about the (1-q) largest drops go); ``flipped`` keeps
+    flipped-image score >= ``threshold``; ``min`` keeps min(score, flipped score) >= ``threshold``
+    — or, with ``fraction``, the top fraction of the samples it decides by that score (the CLIP
+    cut taken on what the pair still shares once the text no longer reads). The quantile and
+    fraction forms are rules in the scorer's own units: they read the same on the demo scorer and
+    on OpenAI CLIP cosines."""
     kind = "flip_score"
     score: str = "scorer_score"
     flip_score: str = "scorer_flip_score"
     mode: Literal["drop", "flipped", "min"] = "drop"
     threshold: float | None = None
+    fraction: float | None = Field(None, gt=0, le=1)
     max_drop: float | None = None
     max_drop_quantile: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _params_for_mode(self):
-        if self.mode == "drop" and (self.max_drop is None) == (self.max_drop_quantile is None):
-            raise ValueError("mode 'drop' needs exactly one of 'max_drop' or 'max_drop_quantile'")
-        if self.mode != "drop" and self.threshold is None:
-            raise ValueError(f"mode '{self.mode}' needs 'threshold'")
+        if self.mode == "drop":
+            if (self.max_drop is None) == (self.max_drop_quantile is None):
+                raise ValueError("mode 'drop' needs exactly one of 'max_drop' or 'max_drop_quantile'")
+            if self.threshold is not None or self.fraction is not None:
+                raise ValueError("mode 'drop' takes 'max_drop' or 'max_drop_quantile', not 'threshold' or 'fraction'")
+        else:
+            if (self.threshold is None) == (self.fraction is None):
+                raise ValueError(f"mode '{self.mode}' needs exactly one of 'threshold' or 'fraction'")
+            if self.max_drop is not None or self.max_drop_quantile is not None:
+                raise ValueError(f"mode '{self.mode}' takes 'threshold' or 'fraction', not a max drop")
         return self
 
     def requires(self):
         return [self.score, self.flip_score], []
 
     def needs_fit(self) -> bool:
-        return self.mode == "drop" and self.max_drop_quantile is not None
+        return self.max_drop_quantile is not None or self.fraction is not None
 
-    fit_passes = 2      # the drops' exact quantile (TopFractionSelect)
+    fit_passes = 2      # an exact quantile / top fraction (TopFractionSelect)
 
-    def _drops(self, batch) -> np.ndarray:
+    def _values(self, batch) -> np.ndarray:
+        """What the rule compares: the drop, the flipped score or the smaller of the two."""
         s, f = self.explain(batch).values()
-        return s - f
+        return s - f if self.mode == "drop" else f if self.mode == "flipped" else np.minimum(s, f)
 
     def fit_begin(self, pool) -> TopFractionSelect:
-        return TopFractionSelect(1.0 - self.max_drop_quantile)
+        return TopFractionSelect(1.0 - self.max_drop_quantile if self.mode == "drop" else self.fraction)
 
     def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: TopFractionSelect):
-        return state.part(self._drops(batch)[alive], pass_no)     # non-finite drops are left out there
+        return state.part(self._values(batch)[alive], pass_no)     # non-finite values are left out there
 
     def fit_reduce(self, parts, pass_no: int, state: TopFractionSelect):
         t = state.reduce(parts, pass_no)
-        return state if pass_no == 0 else t     # fitted: the largest drop kept
+        return state if pass_no == 0 else t     # fitted: the largest drop kept, or the lowest score
 
     def report(self, fitted) -> dict:
-        return {"max_drop": fitted} if self.needs_fit() else {}
+        if not self.needs_fit():
+            return {}
+        return {"max_drop": fitted} if self.mode == "drop" else {"threshold": fitted}
 
     def explain(self, batch, fitted=None) -> dict:
         return {"score": batch.column(self.score).astype(np.float32),
@@ -196,10 +209,9 @@ class FlipScore(Step):
 
     def verdict(self, batch, fitted=None) -> np.ndarray:
         s, f = self.explain(batch).values()
+        v = self._values(batch)
         if self.mode == "drop":
-            ok = (s - f) <= (fitted if self.needs_fit() else self.max_drop)
-        elif self.mode == "flipped":
-            ok = f >= self.threshold
+            ok = v <= (fitted if self.needs_fit() else self.max_drop)
         else:
-            ok = np.minimum(s, f) >= self.threshold
+            ok = v >= (fitted if self.needs_fit() else self.threshold)
         return np.isfinite(s) & np.isfinite(f) & ok
