@@ -59,7 +59,12 @@ def test_a_saved_point_is_reused_only_for_the_same_recipe_steps_scale_and_world(
     assert S.point_key(recipe | {"name": "other", "description": "y"}, "micro") == key
     assert S.point_key(recipe | {"steps": [{"step": "clip_score", "fraction": 0.4}]}, "micro") != key
     assert S.point_key(recipe, "tiny") != key
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"pool": {"outs": [{"path": "data/pool", "md5": "b.dir"}]}}}))
+    lock = {"stages": {"pool": {"outs": [{"path": "data/pool", "md5": "a.dir"}]},
+                       "embed": {"outs": [{"path": "data/embed", "md5": "with-flips.dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert S.point_key(recipe, "micro") == key      # which embeddings the last recipe asked for: not the world
+    lock["stages"]["pool"]["outs"][0]["md5"] = "b.dir"
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert S.point_key(recipe, "micro") != key
 
     ran = []

@@ -41,9 +41,11 @@ def recipe_name(recipe: str | dict) -> str:
 
 def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock") -> str:
     """What a point's result depends on besides its seed: the recipe's steps (not its name or
-    prose), the scale, and the world the lock records (pool, tasks, scorer, embeddings). A saved
-    point is reused only under the same key, so editing a named recipe or regenerating the pool
-    re-runs it instead of reusing a number measured on something else."""
+    prose), the scale, and the world the lock records (pool, tasks, scorer). A saved point is
+    reused only under the same key, so editing a named recipe or regenerating the pool re-runs it
+    instead of reusing a number measured on something else. The embeddings are left out: they
+    follow from the pool and the scorer, and which of them the embed stage writes depends on the
+    recipe that ran last (flipped images only for a flip rule)."""
     import hashlib
     import json
 
@@ -55,7 +57,7 @@ def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock") -> str:
         raw = load_yaml(recipe if recipe.endswith((".yaml", ".yml")) else CONFIGS / "recipes" / f"{recipe}.yaml")
     stages = (load_yaml(Path(lock)) or {}).get("stages", {}) if Path(lock).exists() else {}
     world = {st: [o.get("md5") for o in stages.get(st, {}).get("outs", [])[:1]]
-             for st in ("pool", "tasks", "scorer", "embed")}
+             for st in ("pool", "tasks", "scorer")}
     doc = {"steps": raw.get("steps"), "bounds": raw.get("bounds"), "scale": scale, "world": world}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
