@@ -60,9 +60,16 @@ def test_a_saved_point_is_reused_only_for_the_same_recipe_steps_scale_and_world(
     assert S.point_key(recipe | {"steps": [{"step": "clip_score", "fraction": 0.4}]}, "micro") != key
     assert S.point_key(recipe, "tiny") != key
     lock = {"stages": {"pool": {"outs": [{"path": "data/pool", "md5": "a.dir"}]},
+                       "scorer": {"outs": [{"path": "models/scorer", "md5": "skipped.dir"}]},
                        "embed": {"outs": [{"path": "data/embed", "md5": "with-flips.dir"}]}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert S.point_key(recipe, "micro") == key      # which embeddings the last recipe asked for: not the world
+    assert S.point_key(recipe, "micro") == key      # what the last recipe asked the scorer and embed for: not the world
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["scorer"]["train"]["epochs"] += 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert S.point_key(recipe, "micro") != key      # a scorer trained otherwise is another world
+    params["scorer"]["train"]["epochs"] -= 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     lock["stages"]["pool"]["outs"][0]["md5"] = "b.dir"
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert S.point_key(recipe, "micro") != key

@@ -39,13 +39,14 @@ def recipe_name(recipe: str | dict) -> str:
     return recipe if isinstance(recipe, str) else str(recipe["name"])
 
 
-def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock") -> str:
+def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock", params: str = "params.yaml") -> str:
     """What a point's result depends on besides its seed: the recipe's steps (not its name or
-    prose), the scale, and the world the lock records (pool, tasks, scorer). A saved point is
-    reused only under the same key, so editing a named recipe or regenerating the pool re-runs it
-    instead of reusing a number measured on something else. The embeddings are left out: they
-    follow from the pool and the scorer, and which of them the embed stage writes depends on the
-    recipe that ran last (flipped images only for a flip rule)."""
+    prose), the scale, and the world: the pool and tasks ``dvc.lock`` records and the scorer's
+    params. A saved point is reused only under the same key, so editing a named recipe,
+    regenerating the pool or retraining the scorer differently re-runs it instead of reusing a
+    number measured on something else. The scorer's and the embeddings' outputs are not the world:
+    the plan skips the scorer and the flipped images for recipes that need neither, so those
+    outputs depend on the recipe that ran last."""
     import hashlib
     import json
 
@@ -55,9 +56,9 @@ def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock") -> str:
         raw = dict(recipe)
     else:       # as load_recipe finds it: a path to a .yaml, or configs/recipes/<name>.yaml
         raw = load_yaml(recipe if recipe.endswith((".yaml", ".yml")) else CONFIGS / "recipes" / f"{recipe}.yaml")
-    stages = (load_yaml(Path(lock)) or {}).get("stages", {}) if Path(lock).exists() else {}
-    world = {st: [o.get("md5") for o in stages.get(st, {}).get("outs", [])[:1]]
-             for st in ("pool", "tasks", "scorer")}
+    stages = (load_yaml(lock) or {}).get("stages", {}) if Path(lock).exists() else {}
+    world = {st: [o.get("md5") for o in stages.get(st, {}).get("outs", [])[:1]] for st in ("pool", "tasks")}
+    world["scorer"] = (load_yaml(params) if Path(params).exists() else {}).get("scorer")
     doc = {"steps": raw.get("steps"), "bounds": raw.get("bounds"), "scale": scale, "world": world}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
