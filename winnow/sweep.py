@@ -47,10 +47,8 @@ def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock", params: st
     number measured on something else. The scorer's and the embeddings' outputs are not the world:
     the plan skips the scorer and the flipped images for recipes that need neither, so those
     outputs depend on the recipe that ran last."""
-    import hashlib
-    import json
-
     from winnow.config import CONFIGS, load_yaml
+    from winnow.jobs import digest
 
     if isinstance(recipe, dict):
         raw = dict(recipe)
@@ -60,7 +58,7 @@ def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock", params: st
     world = {st: [o.get("md5") for o in stages.get(st, {}).get("outs", [])[:1]] for st in ("pool", "tasks")}
     world["scorer"] = (load_yaml(params) if Path(params).exists() else {}).get("scorer")
     doc = {"steps": raw.get("steps"), "bounds": raw.get("bounds"), "scale": scale, "world": world}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(doc, 16)
 
 
 def run_one(recipe: str | dict, seed: int, scale: str) -> dict:
