@@ -92,9 +92,9 @@ def variant(base: dict, spec: Spec, keep: list[str], name: str) -> dict:
 def variants(spec: Spec) -> list[dict]:
     """[{kind: cumulative | leave_one_out, component, recipe}], the full recipe once (cumulative's
     last), every variant validated as a recipe before anything runs."""
-    from winnow.filters.engine import load_recipe
+    from winnow.filters.engine import load_recipe, raw_recipe
 
-    base = load_yaml(CONFIGS / "recipes" / f"{spec.base}.yaml")
+    base = raw_recipe(spec.base)[0]
     comps = list(spec.components)
     out, seen = [], set()
     for i, comp in enumerate(comps):

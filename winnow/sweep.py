@@ -5,7 +5,8 @@ Each (recipe, seed) is one ``dvc exp run -n <recipe>-s<seed>`` (DVC re-runs only
 pool, tasks, scorer and embed come from the cache), its own MLflow parent run, so the runs are also
 in ``winnow compare``. Each result is kept in ``reports/compare/demo/<recipe>-s<seed>.json`` with
 its ``point_key`` (the recipe's steps, the scale and the locked world), so an interrupted sweep
-resumes with the runs it lacks and an edited recipe or a new pool re-runs its points. ``reports/compare/demo.md`` gives, per recipe,
+resumes with the runs it lacks and an edited recipe or a new pool re-runs its points.
+``reports/compare/demo.md`` gives, per recipe,
 the mean, standard deviation and range over seeds of the average and of each group, and whether
 the recipe beats ``no_filter`` by more than the seed spread (its worst seed above no_filter's best).
 Every point is preflighted (winnow.preflight) before any runs, so a misspelt recipe fails the
@@ -39,26 +40,29 @@ def recipe_name(recipe: str | dict) -> str:
     return recipe if isinstance(recipe, str) else str(recipe["name"])
 
 
-def point_key(recipe: str | dict, scale: str, lock: str = "dvc.lock", params: str = "params.yaml") -> str:
+def world(lock: str = "dvc.lock", params: str = "params.yaml") -> dict:
+    """What every point of a sweep is measured on: the pool and tasks ``dvc.lock`` records and the
+    scorer's params. Not the scorer's or the embeddings' outputs: the plan skips the scorer and the
+    flipped images for recipes that need neither, so those outputs follow the recipe that ran last."""
+    from winnow.config import load_yaml
+
+    stages = (load_yaml(lock) or {}).get("stages", {}) if Path(lock).exists() else {}
+    w = {st: [o.get("md5") for o in stages.get(st, {}).get("outs", [])[:1]] for st in ("pool", "tasks")}
+    w["scorer"] = (load_yaml(params) if Path(params).exists() else {}).get("scorer")
+    return w
+
+
+def point_key(recipe: str | dict, scale: str, world_: dict | None = None) -> str:
     """What a point's result depends on besides its seed: the recipe's steps (not its name or
-    prose), the scale, and the world: the pool and tasks ``dvc.lock`` records and the scorer's
-    params. A saved point is reused only under the same key, so editing a named recipe,
-    regenerating the pool or retraining the scorer differently re-runs it instead of reusing a
-    number measured on something else. The scorer's and the embeddings' outputs are not the world:
-    the plan skips the scorer and the flipped images for recipes that need neither, so those
-    outputs depend on the recipe that ran last."""
-    from winnow.config import CONFIGS, load_yaml
+    prose), the scale and the ``world``. A saved point is reused only under the same key, so
+    editing a named recipe, regenerating the pool or retraining the scorer differently re-runs it
+    instead of reusing a number measured on something else."""
+    from winnow.filters.engine import raw_recipe
     from winnow.jobs import digest
 
-    if isinstance(recipe, dict):
-        raw = dict(recipe)
-    else:       # as load_recipe finds it: a path to a .yaml, or configs/recipes/<name>.yaml
-        raw = load_yaml(recipe if recipe.endswith((".yaml", ".yml")) else CONFIGS / "recipes" / f"{recipe}.yaml")
-    stages = (load_yaml(lock) or {}).get("stages", {}) if Path(lock).exists() else {}
-    world = {st: [o.get("md5") for o in stages.get(st, {}).get("outs", [])[:1]] for st in ("pool", "tasks")}
-    world["scorer"] = (load_yaml(params) if Path(params).exists() else {}).get("scorer")
-    doc = {"steps": raw.get("steps"), "bounds": raw.get("bounds"), "scale": scale, "world": world}
-    return digest(doc, 16)
+    raw = raw_recipe(recipe)[0]
+    return digest({"steps": raw.get("steps"), "bounds": raw.get("bounds"), "scale": scale,
+                   "world": world() if world_ is None else world_}, 16)
 
 
 def run_one(recipe: str | dict, seed: int, scale: str) -> dict:
@@ -125,14 +129,15 @@ def sweep(recipes: list[str | dict], seeds: list[int], scale: str, results: Path
 
 def _sweep(recipes: list[str | dict], seeds: list[int], scale: str, results: Path) -> list[dict]:
     saved = {p: Path(p).read_bytes() for p in ("params.yaml", "dvc.lock") if Path(p).exists()}
-    rows = []
+    rows, measured_on = [], world()       # the same for every point: read once
     try:
         for recipe in recipes:
             for seed in seeds:
                 path = results / f"{recipe_name(recipe)}-s{seed}.json"
-                key = point_key(recipe, scale)
-                if path.exists() and read_json(path).get("key") == key:
-                    rows.append(read_json(path))
+                key = point_key(recipe, scale, measured_on)
+                kept = read_json(path) if path.exists() else {}
+                if kept.get("key") == key:
+                    rows.append(kept)
                     continue
                 print(f"\n=== sweep: {recipe_name(recipe)}, seed {seed} ({len(rows) + 1}/{len(recipes) * len(seeds)}) ===", flush=True)
                 row = run_one(recipe, seed, scale) | {"key": key} | ({"inline": recipe} if isinstance(recipe, dict) else {})

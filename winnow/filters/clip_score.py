@@ -183,16 +183,15 @@ class FlipScore(Step):
 
     fit_passes = 2      # an exact quantile / top fraction (TopFractionSelect)
 
-    def _values(self, batch) -> np.ndarray:
+    def _values(self, s: np.ndarray, f: np.ndarray) -> np.ndarray:
         """What the rule compares: the drop, the flipped score or the smaller of the two."""
-        s, f = self.explain(batch).values()
         return s - f if self.mode == "drop" else f if self.mode == "flipped" else np.minimum(s, f)
 
     def fit_begin(self, pool) -> TopFractionSelect:
         return TopFractionSelect(1.0 - self.max_drop_quantile if self.mode == "drop" else self.fraction)
 
     def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: TopFractionSelect):
-        return state.part(self._values(batch)[alive], pass_no)     # non-finite values are left out there
+        return state.part(self._values(*self.explain(batch).values())[alive], pass_no)     # non-finite values are left out there
 
     def fit_reduce(self, parts, pass_no: int, state: TopFractionSelect):
         t = state.reduce(parts, pass_no)
@@ -209,7 +208,7 @@ class FlipScore(Step):
 
     def verdict(self, batch, fitted=None) -> np.ndarray:
         s, f = self.explain(batch).values()
-        v = self._values(batch)
+        v = self._values(s, f)
         if self.mode == "drop":
             ok = v <= (fitted if self.needs_fit() else self.max_drop)
         else:

@@ -95,21 +95,26 @@ def params_recipe(f) -> Recipe:
     return load_recipe(f.recipe, f.overrides, f.targets)
 
 
+def raw_recipe(name: str | dict) -> tuple[dict, str]:
+    """A recipe as written, before validation, and where it was written: a named recipe from
+    configs/recipes, a path to a recipe YAML, or an inline mapping (params.yaml)."""
+    if isinstance(name, dict):
+        return {"name": "inline"} | dict(name), "params.yaml filter.recipe"
+    p = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / "recipes" / f"{name}.yaml"
+    if not p.exists():
+        raise ParamsError(f"unknown filter.recipe '{name}' (valid: {', '.join(recipe_names())}; "
+                          "or a path to a recipe .yaml, or an inline mapping with 'steps')")
+    return load_yaml(p), p.name
+
+
 def load_recipe(name: str | dict, overrides: dict | None = None, targets: dict | None = None) -> Recipe:
     """A named recipe from configs/recipes, a path to a recipe YAML, or a recipe written inline in
     params.yaml (a mapping with ``name``, ``steps`` …), with per-step parameter overrides
     ``{step label: {field: value}}`` (params.yaml ``filter.overrides``); validated before any data
     is read."""
+    raw, where = raw_recipe(name)
     if isinstance(name, dict):
-        raw = {"name": "inline"} | dict(name)
-        where = "params.yaml filter.recipe"
         name = str(raw["name"])
-    else:
-        p = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / "recipes" / f"{name}.yaml"
-        if not p.exists():
-            raise ParamsError(f"unknown filter.recipe '{name}' (valid: {', '.join(recipe_names())}; "
-                              "or a path to a recipe .yaml, or an inline mapping with 'steps')")
-        raw, where = load_yaml(p), p.name
     specs = [dict(s or {}) for s in raw.pop("steps", None) or []]
     labels = _labels([s.get("name") or s.get("step") for s in specs])
     for lab, fields in (overrides or {}).items():
