@@ -258,10 +258,12 @@ def test_report_html_renders_in_headless_chromium(project, tmp_path):
     assert (images, broken) == (page.read_text().count("<img "), 0) and images == len(pngs)
     steps = [s["step"] for s in json.loads((project / "reports/filter/funnel.json").read_text())["steps"]]
     assert steps == ["image_size", "caption_length", "language"]
+    # the committed ablation (reports/compare/ablation.json) travels with the project and is charted
+    ablation = (project / "reports/compare/ablation.json").is_file()
     assert {"funnel.png", "grid_kept.png", "eval_tasks.png", "eval_groups.png", "earlier_runs.png"} | {
-        f"grid_dropped_{s}.png" for s in steps} == pngs                  # basic has no score histograms
-    assert {"funnel.csv", "eval.csv"} <= plots
-    for h in ("Funnel", "What each step removed", "Evaluation", "Earlier runs"):
+        f"grid_dropped_{s}.png" for s in steps} | ({"ablation.png"} if ablation else set()) == pngs
+    assert {"funnel.csv", "eval.csv"} <= plots                           # basic has no score histograms
+    for h in ("Funnel", "What each step removed", "Evaluation", "Earlier runs") + (("Ablation",) if ablation else ()):
         assert f"<h2>{h}" in dom
     shot = tmp_path / "report.png"
     subprocess.run([chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri()],
