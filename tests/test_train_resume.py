@@ -36,20 +36,22 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path):
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", _script(tmp_path, out)], env=env_for_subprocess(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from winnow.train import _checkpoint_epoch
+
+    # kill as soon as epoch 1's checkpoint loads: open_clip_train torch.saves to the final name, so
+    # the file appears before it is whole (a fixed wait lost that race on a loaded machine)
     deadline = time.time() + 300
     ckpt = None
     while time.time() < deadline and proc.poll() is None:
         found = list((tmp_path / "work").glob("train/*/run/checkpoints/epoch_1.pt"))
-        if found:
+        if found and _checkpoint_epoch(found[0]) == 1:
             ckpt = found[0]
             break
         time.sleep(0.05)
     assert ckpt is not None, f"no checkpoint before the run ended: {proc.stdout.read()[-2000:]}"
-    time.sleep(0.5)            # the save is torch.save to the final name; give it time to finish
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoint.pt").exists()
-    from winnow.train import _checkpoint_epoch
 
     done_epochs = sorted(e for p in ckpt.parent.glob("epoch_[0-9]*.pt") if (e := _checkpoint_epoch(p)) is not None)
     assert done_epochs and done_epochs[-1] < 4, "the run finished before it was killed; make it longer"
