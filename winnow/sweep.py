@@ -6,9 +6,9 @@ pool, tasks, scorer and embed come from the cache), its own MLflow parent run, s
 in ``winnow compare``. Each result is kept in ``reports/compare/demo/<recipe>-s<seed>.json`` with
 its ``point_key`` (the recipe's steps, the scale and the locked world), so an interrupted sweep
 resumes with the runs it lacks and an edited recipe or a new pool re-runs its points.
-``reports/compare/demo.md`` gives, per recipe,
-the mean, standard deviation and range over seeds of the average and of each group, and whether
-the recipe beats ``no_filter`` by more than the seed spread (its worst seed above no_filter's best).
+``reports/compare/demo.md`` gives, per recipe, the mean, standard deviation and range over seeds of
+the average and of each group, and whether the recipe beats ``no_filter`` by more than the seed
+spread (its worst seed above no_filter's best).
 Every point is preflighted (winnow.preflight) before any runs, so a misspelt recipe fails the
 sweep at once instead of after hours of other points. At the end, or on any failure, params.yaml
 and dvc.lock are put back (atomically) and the workspace outputs checked out again. The sweep holds
@@ -132,9 +132,9 @@ def _sweep(recipes: list[str | dict], seeds: list[int], scale: str, results: Pat
     rows, measured_on = [], world()       # the same for every point: read once
     try:
         for recipe in recipes:
+            key = point_key(recipe, scale, measured_on)     # the seed is not in the key
             for seed in seeds:
                 path = results / f"{recipe_name(recipe)}-s{seed}.json"
-                key = point_key(recipe, scale, measured_on)
                 kept = read_json(path) if path.exists() else {}
                 if kept.get("key") == key:
                     rows.append(kept)
