@@ -24,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from winnow.dvcfile import dag as load_dag
 from winnow.dvcfile import stage_exit_code
 from winnow.dvcfile import order as topological
+from winnow.track import scrub
 
 
 def _env() -> dict:
@@ -85,7 +86,7 @@ def _follow(stage: str, proc: subprocess.Popen, log) -> str:
     tail: list[str] = []
     skipped = False
     for line in proc.stdout:   # text mode turns tqdm's carriage returns into line ends
-        line = line.rstrip()
+        line = scrub(line.rstrip())   # Prefect stores these lines: never a credential in them
         if not line:
             continue
         if line.lstrip().startswith(_HINTS):

@@ -103,6 +103,22 @@ def _compare(limit: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a named error becomes its message and exit status, any other its
+    traceback, both with every URL's credentials masked."""
+    from winnow.errors import WinnowError, report_unexpected
+    from winnow.track import scrub
+
+    try:
+        return _main(argv)
+    except WinnowError as exc:
+        print(scrub(str(exc)), file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except Exception:
+        print(report_unexpected("winnow"), file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="winnow")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run the pipeline (dvc repro) under one MLflow parent run")

@@ -203,13 +203,56 @@ def yaml_problem(exc: Exception, path: str | Path) -> str:
     return f"{where}: {what}"
 
 
+MAX_YAML_NODES = 100_000   # a params file or recipe is a few hundred nodes, aliases expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (only plain data types are constructed), refusing a document whose
+    aliases expand beyond MAX_YAML_NODES, or refer to themselves. A few KB of nested anchors (a
+    "billion laughs") load as shared references and then blow up wherever the document is walked:
+    flattened for MLflow, validated, dumped."""
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+def _check_expansion(root) -> None:
+    size: dict[int, int] = {}     # id(node) -> nodes below it, aliases expanded
+    open_: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        kids = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in kids)
+            if size[id(node)] > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} nodes")
+        elif id(node) in open_:
+            raise yaml.YAMLError("an alias refers to a node that contains it")
+        elif id(node) not in size:
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in kids if id(c) not in size)
+
+
+def safe_load(text, where: str | Path = "YAML"):
+    """``yaml.safe_load`` with aliases bounded (_BoundedLoader); a syntax error, an alias bomb or
+    nesting too deep for the parser is a ParamsError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)   # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ParamsError(yaml_problem(exc, where)) from None
+    except RecursionError:
+        raise ParamsError(f"{where}: nested too deeply") from None
+
+
 def load_yaml(path: str | Path) -> dict:
     """A YAML file (safe loader); a syntax error is a ParamsError ``path:LINE:COL: problem``."""
     with open(path, encoding="utf-8") as fh:
-        try:
-            return yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ParamsError(yaml_problem(exc, path)) from None
+        return safe_load(fh, path) or {}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -248,6 +291,6 @@ def set_params(path: str | Path, updates: dict[str, object]) -> None:
     buf = io.StringIO()
     rt.dump(data, buf)
     text = buf.getvalue()
-    validate_model(Params, yaml.safe_load(text), f"{path} with {updates}")
+    validate_model(Params, safe_load(text, path), f"{path} with {updates}")
     with atomic_file(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")

@@ -15,6 +15,7 @@ decoded) or in a format outside the allowlist. :func:`open_image` is the safe PI
 from __future__ import annotations
 
 import io
+import tarfile
 import warnings
 
 import torch
@@ -79,6 +80,31 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, formats: tuple[str, ..
         raise ImageTooLarge(f"image too large: {exc}") from None
     except Exception as exc:
         raise ImageError(f"corrupt image: {type(exc).__name__}: {exc}") from None
+
+
+MAX_HEADER_BYTES = 1 << 20               # the largest pax / GNU long-name header record read
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """A tar header whose extension records (pax, GNU long names) are refused above
+    MAX_HEADER_BYTES: tarfile reads such a record whole, before any member-size check can run, so
+    a 5-byte member could otherwise bring a 300 MB header into memory."""
+
+    def _proc_member(self, tf):   # tarfile's dispatch on the header type (CPython 3.8-3.13)
+        if self.type in _EXTENSION_TYPES and self.size > MAX_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(   # tarfile turns it into ReadError: a corrupt tar
+                f"a {self.size:,}-byte extended header, above the cap of {MAX_HEADER_BYTES:,}")
+        return super()._proc_member(tf)
+
+
+_EXTENSION_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)
+
+
+def open_tar_stream(name: str | None = None, fileobj=None, mode: str = "r|") -> tarfile.TarFile:
+    """An untrusted tar, read as a stream, with extension headers capped (a ReadError above
+    MAX_HEADER_BYTES, as for any corrupt tar)."""
+    return tarfile.open(name, mode, fileobj=fileobj, tarinfo=_CappedTarInfo)
 
 
 def check_member_size(name: str, size: int, cap: int = MAX_MEMBER_BYTES) -> None:

@@ -9,7 +9,6 @@ import re
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
-import yaml
 
 from winnow.errors import WinnowError
 
@@ -20,7 +19,9 @@ class DvcYamlError(WinnowError, ValueError):
 
 def stages(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, dict]:
     """``{name: spec}`` in dvc.yaml order."""
-    return yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
+    from winnow.config import safe_load
+
+    return safe_load(Path(dvc_yaml).read_text(encoding="utf-8"), dvc_yaml)["stages"]
 
 
 def stage(name: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:

@@ -415,13 +415,19 @@ def cache_local(uri: str | os.PathLike) -> Path:
 
     if publish.is_published_dir(uri):
         return publish.download_output(uri, dest)
-    listing = s3.list_objects(uri)     # the listing carries sizes and ETags: no HEAD per file
+    # the listing carries sizes and ETags (no HEAD per file); an empty key ending in "/" is a folder
+    # marker (the S3 console makes them), not a file
+    listing = {n: v for n, v in s3.list_objects(uri).items() if not (n.endswith("/") and v[0] == 0)}
     targets = {}
     for name in listing:
         try:
             targets[name] = safe_join(dest, name, what="S3 key")
         except UnsafePath as exc:
             raise s3.UnsafeKey(f"refusing to copy {uri}: {exc}") from None
+        parts = name.split("/")
+        clash = next((a for a in ("/".join(parts[:i]) for i in range(1, len(parts))) if a in listing), None)
+        if clash is not None:   # on a file system one path cannot be a file and a folder
+            raise s3.S3Error(f"cannot copy {uri}: key {clash!r} is an object and also a folder of {name!r}")
     # the ETag each cached file was downloaded at: an object rewritten with the same size is fetched again
     etags_file = dest.parent / f".{dest.name}.etags.json"
     etags = json.loads(etags_file.read_text()) if etags_file.is_file() else {}

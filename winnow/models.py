@@ -76,8 +76,22 @@ def load(model: str, pretrained: str | None = None, device: str = "cpu"):
                 f"pretrained weights '{pretrained}' for {model} are not cached and this machine is offline "
                 f"(HF_HUB_OFFLINE=1). Provide them: download on a connected machine into the Hugging Face "
                 f"cache (HF_HOME) and copy it here, or set `pretrained:` to a local checkpoint path.") from None
+        if pretrained and Path(pretrained).exists():
+            raise _unloadable(pretrained, model, exc) from None
+        raise
+    except Exception as exc:   # pickle.UnpicklingError (weights_only refused it), SafetensorError, ...
+        if pretrained and Path(pretrained).exists():
+            raise _unloadable(pretrained, model, exc) from None
         raise
     return m.eval(), preprocess, open_clip.get_tokenizer(model)
+
+
+def _unloadable(path: str, model: str, exc: Exception) -> ModelError:
+    # torch's own message suggests weights_only=False: never, for a file from elsewhere
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ModelError(f"checkpoint {path} does not load as {model} weights ({type(exc).__name__}: {first[:300]}). "
+                      f"winnow loads tensors only (torch.load weights_only=True, or safetensors): a checkpoint "
+                      f"holding other objects, or a corrupt file, is refused.")
 
 
 # DataComp's metadata names the OpenAI CLIP features by model: l14_img, b32_txt, ...

@@ -24,6 +24,9 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    # labels come from the pool (captions) and from users (recipe, step and run names): "$5 … $10"
+    # is text, and a "$\\undefined$" must not fail the figure
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt

@@ -25,10 +25,9 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-import yaml
 from pydantic import ValidationError
 
-from winnow.config import Params, ParamsError, load_scale, problems, yaml_problem
+from winnow.config import Params, ParamsError, load_scale, problems, safe_load
 from winnow.errors import WinnowError
 
 VERDICT = "data/check/verdict.json"
@@ -42,9 +41,9 @@ def load(path: str | Path = "params.yaml", updates: dict | None = None) -> tuple
     except OSError as exc:
         return None, [f"{path}: cannot read: {exc.strerror or exc}"]
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        return None, [yaml_problem(exc, path)]
+        data = safe_load(text, path) or {}
+    except ParamsError as exc:
+        return None, [str(exc)]
     if not isinstance(data, dict):
         return None, [f"{path}: expected a mapping of sections, got {type(data).__name__}"]
     data = copy.deepcopy(data)

@@ -38,7 +38,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from winnow.dvcfile import documents, outputs
 from winnow.io import file_sha256
@@ -134,9 +133,11 @@ def _params_inputs(dvc_yaml: str | Path) -> list[str]:
     p = Path(dvc_yaml).with_name("params.yaml")
     if not p.exists():
         return []
+    from winnow.config import ParamsError, safe_load
+
     try:
-        return input_uris(yaml.safe_load(p.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError:
+        return input_uris(safe_load(p.read_text(encoding="utf-8"), p) or {})
+    except ParamsError:
         return []
 
 
@@ -337,11 +338,18 @@ def _version_id() -> str:
 
 
 def _delete_listed(bucket: str, prefix: str, names) -> None:
-    """Delete ``prefix/<name>`` for each name (a winnow manifest's list), then nothing else."""
+    """Delete ``prefix/<name>`` for each name (a winnow manifest's list), then nothing else. A name
+    that is not a plain relative path (``../x``, ``/x``: a forged pointer or manifest) is left
+    alone, never sent as a key that a store might resolve outside the prefix."""
     from winnow import s3
+    from winnow.io import UnsafePath, check_relative
 
     c = s3.client()
     for n in names:
+        try:
+            check_relative(n, "listed file")
+        except UnsafePath:
+            continue
         k = f"{prefix}/{n}" if prefix else n
         s3.call("cannot delete", f"s3://{bucket}/{k}", c.delete_object, Bucket=bucket, Key=k)
 

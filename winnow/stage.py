@@ -12,7 +12,7 @@ from typing import Callable
 
 from winnow.config import Params, load_params
 from winnow.dvcfile import outputs, params_keys
-from winnow.errors import WinnowError
+from winnow.errors import WinnowError, report_unexpected
 from winnow.io import write_json
 
 
@@ -55,4 +55,7 @@ def main(stage: str, body: Callable[[Params], dict]) -> None:
     except WinnowError as exc:
         print(f"\nwinnow {stage}: FAILED — {type(exc).__name__}\n{track.scrub(str(exc))}\n", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 1))   # 2: a config error (ParamsError), which no retry fixes
+    except Exception:
+        print(report_unexpected(f"winnow {stage}"), file=sys.stderr)
+        sys.exit(1)
     print(f"winnow {stage}: done in {time.time() - t0:.1f}s", file=sys.stderr)

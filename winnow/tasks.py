@@ -47,7 +47,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from winnow.errors import WinnowError
-from winnow import jobs
+from winnow import decode, jobs
 from winnow.config import CONFIGS, load_yaml, validate_model
 from winnow.io import local
 
@@ -212,7 +212,7 @@ def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes], int]]:
         raise MissingTask(f"{path} is truncated or not a tar (no end-of-archive blocks)")
     key, members, skipped = None, {}, 0
     try:
-        with tarfile.open(path, mode="r|") as tf:
+        with decode.open_tar_stream(str(path)) as tf:
             for m in tf:
                 if not m.isreg():
                     continue
@@ -224,8 +224,8 @@ def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes], int]]:
                     if members or skipped:
                         yield key, members, skipped
                     key, members, skipped = k, {}, 0
-                if suffix.rsplit(".", 1)[-1] not in ALLOWED:
-                    skipped += 1
+                if suffix.rsplit(".", 1)[-1] not in ALLOWED or m.size > decode.MAX_MEMBER_BYTES:
+                    skipped += 1      # never read: another type, or too large to hold
                     continue
                 members[suffix] = tf.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -234,18 +234,20 @@ def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes], int]]:
         yield key, members, skipped
 
 
-def decode_image(data: bytes):
-    """An RGB PIL image (what clip_benchmark's ImageHandler('pil') returns)."""
-    from PIL import Image
+# The formats evaluation images come in: the pool's three, and those some datasets keep as they were
+# published (GIF, BMP, PPM) in a `datasets` cache. Never TIFF, EPS or the like, whatever the suffix.
+EVAL_IMAGE_FORMATS = decode.IMAGE_FORMATS + ("GIF", "BMP", "PPM")
 
+
+def decode_image(data: bytes):
+    """An RGB PIL image (what clip_benchmark's ImageHandler('pil') returns), through the pool's safe
+    decode (winnow.decode.open_image): the header's pixel count is checked before any pixel is."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
-    except Image.DecompressionBombError as exc:
+        return decode.open_image(data, formats=EVAL_IMAGE_FORMATS)
+    except decode.ImageTooLarge as exc:
         raise BadMember("decompression_bomb", str(exc)) from None
-    except Exception as exc:   # PIL raises many types on corrupt data
-        raise BadMember("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+    except decode.ImageError as exc:
+        raise BadMember("corrupt_image", str(exc)) from None
 
 
 def decode_member(suffix: str, data: bytes):
@@ -437,6 +439,9 @@ class SplitStream(torch.utils.data.IterableDataset):
             spec = decode_member("json", m["json"]) if "json" in m else None
             if not isinstance(spec, dict) or not {"cue", "candidates", "associations"} <= set(spec):
                 raise MissingTask(f"{self.data.path}: sample {key} has no json {{cue, candidates, associations}}")
+            if not (isinstance(spec["cue"], str) and isinstance(spec["candidates"], list)
+                    and isinstance(spec["associations"], list)):
+                raise BadMember("bad_json", "cue must be text, candidates and associations lists")
             imgs = []
             for i in range(len(spec["candidates"])):
                 s = next((f"{i}.{e}" for e in IMAGE_EXTS if f"{i}.{e}" in m), None)

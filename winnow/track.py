@@ -16,8 +16,14 @@ import re
 import sys
 from pathlib import Path
 
+from winnow.errors import WinnowError
+
 PARENT_ENV = "WINNOW_PARENT_RUN_ID"
 _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
+
+
+class TrackingError(WinnowError):
+    """The MLflow tracking store cannot be reached, or refuses the first request."""
 
 
 def tracking_uri(default: str) -> str:
@@ -150,12 +156,15 @@ def _setup(params) -> str:
         relocate_artifacts(db)
     # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, which every child process (another
     # project's stages, a test's subprocess) would then take for its own store's experiment
-    client = mlflow.tracking.MlflowClient()
-    exp = client.get_experiment_by_name(params.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
     from mlflow.exceptions import MlflowException
 
+    client = mlflow.tracking.MlflowClient()
+    try:
+        exp = client.get_experiment_by_name(params.tracking.experiment)
+    except Exception as exc:   # unreachable, refused, or not an MLflow store: the first request tells
+        raise TrackingError(f"MLflow tracking store {scrub(uri)} failed: {type(exc).__name__}: {scrub(exc)}") from None
+    if exp is not None:
+        return exp.experiment_id
     try:
         return client.create_experiment(params.tracking.experiment)
     except MlflowException:   # made meanwhile by another stage

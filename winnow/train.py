@@ -65,7 +65,7 @@ def _scan(src: Path, dst: Path | None, max_pixels: int, member_cap: int) -> dict
     keys: dict[str, set] = {}
     out = tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) if dst is not None else None
     try:
-        with tarfile.open(src, "r|*") as tf:
+        with decode.open_tar_stream(str(src), mode="r|*") as tf:
             for m in tf:
                 stats["members"] += 1
                 reason = None

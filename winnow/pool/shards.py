@@ -109,13 +109,17 @@ def write_npz(uri: str, shard: str, arrays: dict[str, np.ndarray], dtype=np.floa
 
 
 def _json(data: bytes | None) -> dict:
-    """A sample's json member; one that is not a JSON object reads as {} (the sample has no uid, so
-    readers count it, never crash on it)."""
+    """A sample's json member; one that is not a JSON object reads as {}, and a ``uid`` that is not
+    text is left out (the sample has no uid, so readers count it, never crash on it)."""
     try:
         obj = json.loads(data) if data is not None else {}
-    except ValueError:   # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError):   # JSONDecodeError, UnicodeDecodeError; nesting too deep
         return {}
-    return obj if isinstance(obj, dict) else {}
+    if not isinstance(obj, dict):
+        return {}
+    if not isinstance(obj.get("uid", ""), str):   # a list or object would reach set and dict lookups
+        del obj["uid"]
+    return obj
 
 
 def _sample(members: dict) -> dict:
@@ -148,7 +152,7 @@ def iter_tar(uri: str, shard: str) -> Iterator[dict]:
     try:
         with wio.open_read(p) as raw:
             fh = _Tail(raw)
-            with tarfile.open(fileobj=fh, mode="r|") as tf:   # stream mode: reads as it downloads
+            with decode.open_tar_stream(fileobj=fh) as tf:   # stream mode: reads as it downloads
                 for m in tf:
                     if not m.isreg():
                         continue
