@@ -1,5 +1,6 @@
 """Stage `reshard`: the subset as webdataset shards (duplicates = copies) + meta.json;
-gate: every selected uid is in the pool, and the written share is at least the download floor."""
+gate: every selected uid is in the pool, the written share is at least the download floor, and on a
+real pool at most ``pool.max_unreadable_tars`` of the image tars read are truncated or corrupt."""
 import pandas as pd
 
 from winnow.config import Params
@@ -29,6 +30,12 @@ def body(p: Params) -> dict:
     gate.check("subset", pd.DataFrame([{"selected": where["selected"], "not_in_pool": where["not_in_pool"],
                                         "examples": ", ".join(where["not_in_pool_examples"])}]),
                [E.ExpectColumnValuesToBeBetween(column="not_in_pool", max_value=0)], id_column="examples")
+    if pool.is_download:   # a real pool's tars are first read here (its pool gate reads metadata only)
+        tars = where["image_shards"]
+        gate.check("tars", pd.DataFrame([{"tar": t, "readable": t not in meta["unreadable_tars"]} for t in tars]
+                                        or [{"tar": "", "readable": True}]),
+                   [E.ExpectColumnValuesToBeInSet(column="readable", value_set=[True],
+                                                  mostly=1.0 - p.pool.max_unreadable_tars)], id_column="tar")
     gate.check("meta", pd.DataFrame([row]), [
         E.ExpectColumnValuesToBeBetween(column="written_fraction", min_value=floor, max_value=1.0),
         E.ExpectColumnValuesToBeBetween(column="output_shard_count", min_value=1),

@@ -204,3 +204,60 @@ def test_pointing_pool_uri_at_the_shards_folder_says_what_to_set(datacomp_pool, 
 
     with pytest.raises(ShardError, match="img2dataset's shards.*--data_dir"):
         external_manifest(PoolCfg(source="datacomp", uri=str(datacomp_pool["shards_dir"])))
+
+
+def _copy_download(dc, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(dc["root"], dest)
+    return dest
+
+
+def test_a_uid_downloaded_by_two_runs_is_written_once_and_counted(datacomp_pool, tmp_path):
+    """Two download runs' shards merged: shard 0 again under a new number. Every uid was written
+    twice under the same key, and the manifest counted its downloads twice."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    from winnow.reshard import reshard
+
+    dc = datacomp_pool
+    root = _copy_download(dc, tmp_path / "dl")
+    shards = root / "shards"
+    new = f"{max(int(p.stem) for p in shards.glob('*.tar')) + 1:08d}"
+    for ext in (".tar", ".parquet", "_stats.json"):
+        shutil.copy(shards / f"00000000{ext}", shards / f"{new}{ext}")
+    again = int((pq.read_table(shards / "00000000.parquet")["status"].to_numpy(zero_copy_only=False) == "success").sum())
+    assert again > 0
+    pool = _open({"root": root}, tmp_path)
+    c = pool.manifest["download"]
+    assert c["downloaded"] == len(dc["downloaded"]) and c["duplicate_downloads"] == again
+    meta = reshard(pool, _uids(dc["table"].uid), str(tmp_path / "subset"), shard_size=40)
+    written = []
+    for tar in sorted((tmp_path / "subset").glob("*.tar")):
+        written += [json.loads(s["json"])["uid"] for s in wds.WebDataset(str(tar), shardshuffle=False)]
+    assert sorted(written) == sorted(dc["downloaded"])          # each once
+    assert meta["duplicate_downloads"] == again and meta["unique_uids_found"] == len(dc["downloaded"])
+
+
+def test_a_tar_cut_between_a_samples_members_is_counted_and_gated(datacomp_pool, tmp_path):
+    """What a killed download leaves: a tar cut inside the header of a sample's second member.
+    reshard crashed in webdataset's writer on the half-read sample (txt None)."""
+    import tarfile
+
+    from winnow.reshard import reshard
+
+    dc = datacomp_pool
+    root = _copy_download(dc, tmp_path / "dl")
+    tar = root / "shards" / "00000000.tar"
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    cut = next(m for prev, m in zip(members, members[1:])     # img2dataset writes .jpg, .json, .txt
+               if m.name.split(".")[0] == prev.name.split(".")[0] and m.name.endswith(".txt"))
+    tar.write_bytes(tar.read_bytes()[: cut.offset + 100])
+    pool = _open({"root": root}, tmp_path)
+    meta = reshard(pool, _uids(dc["table"].uid), str(tmp_path / "subset"), shard_size=40)
+    assert meta["incomplete_samples"] == 1 and list(meta["unreadable_tars"]) == ["00000000"]
+    assert meta["output_count"] == meta["unique_uids_found"] < len(dc["downloaded"])

@@ -245,6 +245,23 @@ def test_bombs_and_corrupt_images_are_quarantined_not_fatal(tmp_path, tiny, alwa
     assert E.summarize(rows)["quarantined"] == {"cifar10": 2}
 
 
+def test_labels_beyond_the_class_names_and_an_all_quarantined_split_are_named(tmp_path, tiny):
+    """A classnames.txt shorter than the labels was scored (acc1 over a head with too few classes);
+    a split whose every image failed read as "empty", hiding the quarantine that emptied it."""
+    rng = np.random.default_rng(6)
+    samples = [{"__key__": f"s{i:03d}", "jpg": F.image_bytes(rng), "cls": i % 6} for i in range(12)]
+    F.write_wds_set(tmp_path / "wds_cifar10_test", [samples], ["a", "b", "c"], ["{c}."])
+    model, pre, tok = tiny
+    rows = E.evaluate_suite(model, pre, tok, suite_of("cifar10"), str(tmp_path), str(tmp_path / "r.jsonl"), device="cpu")
+    assert rows[0]["status"] == "missing" and "labels run 0..5, but classnames.txt names 3 classes" in rows[0]["reason"]
+    broken = [{"__key__": f"s{i:03d}", "jpg": b"\xff\xd8\xff garbage", "cls": 0} for i in range(4)]
+    shutil.rmtree(tmp_path / "wds_cifar10_test")
+    F.write_wds_set(tmp_path / "wds_cifar10_test", [broken], ["a", "b"], ["{c}."])
+    rows = E.evaluate_suite(model, pre, tok, suite_of("cifar10"), str(tmp_path), str(tmp_path / "r2.jsonl"), device="cpu")
+    assert rows[0]["status"] == "missing"
+    assert "all 4 samples were quarantined ({'corrupt_image': 4}" in rows[0]["reason"], rows[0]["reason"]
+
+
 def test_truncated_tar_and_absent_shards_make_the_task_missing(tmp_path, tiny):
     rng = np.random.default_rng(5)
     samples = [{"__key__": f"s{i:03d}", "jpg": F.image_bytes(rng), "cls": 0} for i in range(8)]

@@ -53,11 +53,11 @@ def test_a_saved_point_is_reused_only_for_the_same_recipe_steps_scale_and_world(
 
     write_params(tmp_path, MICRO_PARAMS)
     monkeypatch.chdir(tmp_path)
-    recipe = {"name": "r", "description": "x", "steps": [{"step": "clip_score", "fraction": 0.3}]}
+    recipe = {"name": "r", "description": "x", "steps": [{"step": "clip_score", "score": "clip_l14_similarity_score", "fraction": 0.3}]}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"pool": {"outs": [{"path": "data/pool", "md5": "a.dir"}]}}}))
     key = S.point_key(recipe, "micro")
     assert S.point_key(recipe | {"name": "other", "description": "y"}, "micro") == key
-    assert S.point_key(recipe | {"steps": [{"step": "clip_score", "fraction": 0.4}]}, "micro") != key
+    assert S.point_key(recipe | {"steps": [{"step": "clip_score", "score": "clip_l14_similarity_score", "fraction": 0.4}]}, "micro") != key
     assert S.point_key(recipe, "tiny") != key
     lock = {"stages": {"pool": {"outs": [{"path": "data/pool", "md5": "a.dir"}]},
                        "scorer": {"outs": [{"path": "models/scorer", "md5": "skipped.dir"}]},
@@ -81,5 +81,39 @@ def test_a_saved_point_is_reused_only_for_the_same_recipe_steps_scale_and_world(
     assert ran == [0, 1]
     S._sweep([recipe], [0, 1], "micro", tmp_path / "res")
     assert ran == [0, 1]                                                  # both reused
-    S._sweep([recipe | {"steps": [{"step": "clip_score", "fraction": 0.4}]}], [0, 1], "micro", tmp_path / "res")
+    S._sweep([recipe | {"steps": [{"step": "clip_score", "score": "clip_l14_similarity_score", "fraction": 0.4}]}], [0, 1], "micro", tmp_path / "res")
     assert ran == [0, 1, 0, 1]                                            # same name, new steps: re-run
+
+
+def test_a_saved_point_is_rerun_when_an_override_a_read_file_or_the_preset_changes(tmp_path, monkeypatch):
+    """The key held only the recipe's steps: an override in params.yaml, an edited word list and a
+    changed scale preset all reused a number measured on something else."""
+    import yaml
+
+    from tests.helpers import MICRO_PARAMS, write_params
+    from winnow import config
+    from winnow import sweep as S
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, MICRO_PARAMS)
+    words = tmp_path / "words.txt"
+    words.write_text("circle\nsquare\n")
+    recipe = {"name": "r", "steps": [{"step": "text_entity", "words": str(words)}, {"step": "caption_length"}]}
+    key = S.point_key(recipe, "micro")
+    words.write_text("circle\n")
+    assert S.point_key(recipe, "micro") != key                       # the word list's bytes
+    key = S.point_key(recipe, "micro")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["filter"]["overrides"] = {"caption_length": {"min_words": 8}}
+    write_params(tmp_path, params)
+    assert S.point_key(recipe, "micro") != key                       # an override params.yaml applies to every point
+    key = S.point_key(recipe, "micro")
+    scales = config.load_yaml(config.CONFIGS / "scales.yaml")
+    scales["micro"]["samples_seen"] *= 4
+    (tmp_path / "scales.yaml").write_text(yaml.safe_dump(scales))
+    real = config.load_yaml
+    monkeypatch.setattr(config, "load_yaml", lambda p: real(tmp_path / "scales.yaml" if str(p).endswith("scales.yaml") else p))
+    assert S.point_key(recipe, "micro") != key                       # the preset's contents, not only its name
+    # two scales never share a result file or an experiment name
+    assert S.result_path(tmp_path, recipe, 0, "micro") != S.result_path(tmp_path, recipe, 0, "tiny")
+    assert S.point_name("basic", 0, "micro") == "basic-micro-s0"

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from winnow.io import read_json
 
 
 def _check() -> int:
@@ -102,6 +101,13 @@ def _compare(limit: int) -> int:
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; a named error becomes its message and exit status, any other its
     traceback, both with every URL's credentials masked."""
@@ -135,13 +141,13 @@ def _main(argv: list[str] | None) -> int:
     lau.add_argument("--logs", default="logs")
     swp = sub.add_parser("sweep", help="recipes x seeds as DVC experiments -> reports/compare/demo.md")
     swp.add_argument("--recipes", default="no_filter,basic,clip_score_top30,devil_in_details")
-    swp.add_argument("--seeds", default="0,1,2")
+    swp.add_argument("--seeds", default="0,1,2", type=_seeds, help="comma-separated integers")
     swp.add_argument("--scale", default="tiny")
     swp.add_argument("--table-only", action="store_true", help="rebuild the table from the saved results")
     abl = sub.add_parser("ablation", help="the paper's slice and dice: a recipe's components added and left out, "
                                           "x seeds, beside baselines -> reports/compare/ablation.md")
     abl.add_argument("--spec", default="devil_in_details", help="configs/ablation/<spec>.yaml")
-    abl.add_argument("--seeds", default="0,1,2")
+    abl.add_argument("--seeds", default="0,1,2", type=_seeds, help="comma-separated integers")
     abl.add_argument("--scale", default="tiny")
     abl.add_argument("--table-only", action="store_true", help="rebuild the table from the saved results")
     pub = sub.add_parser("publish", help="publish every stage's current outputs to storage.uri (stages DVC skipped too)")
@@ -169,14 +175,13 @@ def _main(argv: list[str] | None) -> int:
         from winnow import sweep
 
         if args.table_only:
-            rows = [read_json(p) for p in sorted(sweep.RESULTS.glob("*.json"))]
-            print(sweep.write_table(rows))
+            print(sweep.write_table(sweep.saved_rows(args.recipes.split(","), args.scale)))
             return 0
-        return sweep.main(args.recipes.split(","), [int(x) for x in args.seeds.split(",")], args.scale)
+        return sweep.main(args.recipes.split(","), args.seeds, args.scale)
     if args.cmd == "ablation":
         from winnow import ablation
 
-        return ablation.main(args.spec, [int(x) for x in args.seeds.split(",")], args.scale, args.table_only)
+        return ablation.main(args.spec, args.seeds, args.scale, args.table_only)
     if args.cmd == "compare":
         return _compare(args.limit)
     if args.cmd == "launch":

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from winnow.config import CONFIGS, ParamsError, load_yaml, validate_model
-from winnow.io import atomic_file, read_json, write_json
+from winnow.io import atomic_file, write_json
 
 TABLE = Path("reports/compare/ablation.md")
 
@@ -192,7 +192,7 @@ def main(name: str, seeds: list[int], scale: str, table_only: bool = False) -> i
         spec = load_spec(name)
         plan = variants(spec)
         if table_only:
-            rows = [read_json(p) for p in sorted(sweep.RESULTS.glob("*.json"))]
+            rows = sweep.saved_rows(list(spec.baselines) + [sweep.recipe_name(v["recipe"]) for v in plan], scale)
         else:   # the demo sweep's results: a point both run (no_filter, the full recipe) runs once
             rows = sweep.sweep(list(spec.baselines) + [v["recipe"] for v in plan], seeds, scale)
     except WinnowError as exc:

@@ -119,6 +119,15 @@ class _Reader:
             if b.keys:
                 yield b
 
+    def empty(self, path, what: str = "test split is empty") -> MissingTask:
+        """The error of a split that yielded nothing, with what the quarantine took: a set whose
+        every image failed (moved `datasets` cache files, all corrupt) is named as such."""
+        if self.quarantined:
+            q = self.info(0)
+            what += (f": all {q['quarantined']} samples were quarantined ({q['quarantine_reasons']}, "
+                     f"e.g. {q['quarantine_examples'][:3]})")
+        return MissingTask(f"{path}: {what}")
+
     def info(self, n: int) -> dict:
         reasons: dict[str, int] = {}
         for _, r in self.quarantined:
@@ -140,9 +149,13 @@ def classify(runner: Runner, task: Task, data: TaskData, reader: _Reader) -> dic
         if task.groups is not None:
             groups.append(np.array([int(m[task.groups.field]) for m in b.meta]))
     if not tops:
-        raise MissingTask(f"{data.path}: test split is empty")
+        raise reader.empty(data.path)
+    y = np.concatenate(labels)
+    if y.min() < 0 or y.max() >= len(classnames):   # a label no class name stands for: the set is inconsistent
+        raise MissingTask(f"{data.path}: labels run {int(y.min())}..{int(y.max())}, but classnames.txt names "
+                          f"{len(classnames)} classes")
     g = task.groups
-    out = M.classification_metrics_from_topk(np.concatenate(tops), np.concatenate(labels),
+    out = M.classification_metrics_from_topk(np.concatenate(tops), y,
                                              np.concatenate(groups) if g is not None else None,
                                              g.exclude if g else (), g.suffix if g else "wg")
     return out | {"n": int(sum(len(x) for x in labels)), "classes": len(classnames)}
@@ -163,7 +176,7 @@ def retrieve(runner: Runner, task: Task, data: TaskData, reader: _Reader, batch_
     if pending:
         txt.append(runner.texts(pending).cpu())
     if not img or not txt:
-        raise MissingTask(f"{data.path}: test split is empty or has no captions")
+        raise reader.empty(data.path, "test split is empty or has no captions")
     return M.retrieval_metrics(torch.cat(img), torch.cat(txt), owner) | {"n": n, "captions": len(owner)}
 
 
@@ -184,7 +197,7 @@ def associate(runner: Runner, task: Task, data: TaskData, reader: _Reader) -> di
             start += size
         truths += b.truths
     if not scores:
-        raise MissingTask(f"{data.path}: test split is empty")
+        raise reader.empty(data.path)
     return M.winogavil_metrics(scores, truths)
 
 
@@ -207,7 +220,7 @@ def fairface(runner: Runner, task: Task, data: TaskData, reader: _Reader) -> dic
         preds.append(torch.stack([(f @ h).argmax(1) for h in heads], 1).cpu().numpy())
         meta += b.meta
     if not preds:
-        raise MissingTask(f"{data.path}: test split is empty")
+        raise reader.empty(data.path)
     rows = {len(m) for m in meta}
     if min(rows) < len(M.FAIRFACE_FIELDS):
         raise MissingTask(f"{data.path}: .npy metadata rows have {sorted(rows)} fields, FairFace needs {M.FAIRFACE_FIELDS}")

@@ -199,7 +199,7 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
     import webdataset as wds
 
     build = work.path
-    found = written = seen_entries = 0
+    found = written = seen_entries = duplicates = incomplete = 0
     owners: dict[str, list[str]] = {}            # image tar -> the pool shards whose samples it holds
     for s in where["per_shard"]:
         for t in pool.image_shards(s):
@@ -214,7 +214,7 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
         sink.close()
         work.mark(f"{len(counts) - 1:08d}", {"count": counts[-1]})
 
-    unreadable = []
+    unreadable: dict[str, str] = {}              # image tar -> why it could not be read to its end
     for tar in tqdm(where["image_shards"], desc="reshard", unit="shard"):   # the tars that hold selected samples
         mine = owners.get(tar, [])
         for s in mine:
@@ -227,7 +227,7 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
                 if U.is_valid_hex(str(x["json"].get("uid", ""))):
                     samples.append(x)
         except shards.ShardError as exc:   # a truncated tar: what precedes the cut is written, the rest counted
-            unreadable.append(str(exc))
+            unreadable[tar] = str(exc)
         if samples and mine:
             q = U.hex_to_array([x["json"]["uid"] for x in samples], sort=False)
             hits = [None] * len(samples)
@@ -240,6 +240,12 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
                 if h is None:
                     continue
                 seen, i, n = h
+                if seen[i]:               # downloaded again into another tar: written once
+                    duplicates += 1
+                    continue
+                if x["jpg"] is None or x["txt"] is None:   # a member lost to a cut tar: unusable, counted
+                    incomplete += 1
+                    continue
                 seen[i] = True
                 found += 1
                 uid = x["json"]["uid"]
@@ -266,7 +272,8 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
     meta = {"output_shard_count": len(counts), "output_count": written,
             "output_shard_format": "{:08d}.tar", "input_uids": len(subset),
             "unique_uids_found": found, "uids_not_found": len(subset) - seen_entries,
-            "unreadable_tars": unreadable, "shard_sizes": counts}
+            "unreadable_tars": unreadable, "duplicate_downloads": duplicates, "incomplete_samples": incomplete,
+            "shard_sizes": counts}
     write_json(build / "meta.json", meta)
     return meta
 

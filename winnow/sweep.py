@@ -1,11 +1,13 @@
 """Recipes x seeds at equal samples seen, as DVC experiments, and the table that says whether
 filtering pays (``python -m winnow sweep``).
 
-Each (recipe, seed) is one ``dvc exp run -n <recipe>-s<seed>`` (DVC re-runs only filter onward;
-pool, tasks, scorer and embed come from the cache), its own MLflow parent run, so the runs are also
-in ``winnow compare``. Each result is kept in ``reports/compare/demo/<recipe>-s<seed>.json`` with
-its ``point_key`` (the recipe's steps, the scale and the locked world), so an interrupted sweep
-resumes with the runs it lacks and an edited recipe or a new pool re-runs its points.
+Each (recipe, seed) is one ``dvc exp run -n <recipe>-<scale>-s<seed>`` (DVC re-runs only filter
+onward; pool, tasks, scorer and embed come from the cache), its own MLflow parent run, so the runs
+are also in ``winnow compare``. Each result is kept in
+``reports/compare/demo/<recipe>-<scale>-s<seed>.json`` with its ``point_key`` (what the result
+depends on: the recipe as params.yaml would run it, the files it reads, the scale preset, the
+locked world), so an interrupted sweep resumes with the runs it lacks and an edited recipe, override,
+word list, preset or a new pool re-runs its points.
 ``reports/compare/demo.md`` gives, per recipe, the mean, standard deviation and range over seeds of
 the average and of each group, and whether the recipe beats ``no_filter`` by more than the seed
 spread (its worst seed above no_filter's best).
@@ -52,17 +54,45 @@ def world(lock: str = "dvc.lock", params: str = "params.yaml") -> dict:
     return w
 
 
-def point_key(recipe: str | dict, scale: str, world_: dict | None = None) -> str:
+def point_key(recipe: str | dict, scale: str, world_: dict | None = None, params: str = "params.yaml") -> str:
     """What a point's result depends on besides its seed: the recipe's steps (not its name or
-    prose), the scale and the ``world``. A saved point is reused only under the same key, so
-    editing a named recipe, regenerating the pool or retraining the scorer differently re-runs it
-    instead of reusing a number measured on something else."""
-    from winnow.filters.engine import raw_recipe
-    from winnow.jobs import digest
+    prose) with params.yaml's overrides and targets, the bytes of every file its steps and targets
+    read, the scale preset's contents, the rest of the ``filter``, ``train`` and ``eval`` sections,
+    and the ``world``. A saved point is reused only under the same key, so editing a recipe, an
+    override, a word list or a preset, regenerating the pool or retraining the scorer differently
+    re-runs it instead of reusing a number measured on something else."""
+    from winnow.config import load_scale, load_yaml
+    from winnow.filters.engine import load_recipe, raw_recipe
+    from winnow.jobs import content_identity, digest
 
     raw = raw_recipe(recipe)[0]
-    return digest({"steps": raw.get("steps"), "bounds": raw.get("bounds"), "scale": scale,
-                   "world": world() if world_ is None else world_}, 16)
+    p = load_yaml(params) if Path(params).exists() else {}
+    f = {k: v for k, v in (p.get("filter") or {}).items() if k != "recipe"}   # the sweep sets the recipe
+    built = load_recipe(recipe, f.get("overrides"), f.get("targets"))
+    files = sorted({*(x for s in built.steps for x in s.files()),
+                    *(x for fs in built.targets.values() for x in ([fs] if isinstance(fs, str) else fs))})
+    return digest({"steps": raw.get("steps"), "bounds": raw.get("bounds"), "filter": f, "scale": scale,
+                   "preset": load_scale(scale), "files": {x: content_identity(x) for x in files},
+                   "train": {k: v for k, v in (p.get("train") or {}).items() if k not in ("seed", "scale")},
+                   "eval": p.get("eval"), "world": world() if world_ is None else world_}, 16)
+
+
+def result_path(results: Path, recipe: str | dict, seed: int, scale: str) -> Path:
+    """Where a point's result is kept: one file per recipe, scale and seed."""
+    return results / f"{point_name(recipe, seed, scale)}.json"
+
+
+def point_name(recipe: str | dict, seed: int, scale: str) -> str:
+    """A point's DVC experiment name (and its MLflow parent's): the scale is in it, so points of
+    two scales never replace each other."""
+    return f"{recipe_name(recipe)}-{scale}-s{seed}"
+
+
+def saved_rows(recipes: list[str], scale: str, results: Path = RESULTS) -> list[dict]:
+    """The saved results of ``recipes`` at ``scale``, in recipe order (``--table-only``)."""
+    rows = [read_json(p) for p in sorted(results.glob("*.json"))]
+    return [r for name in recipes for r in sorted(rows, key=lambda r: r["seed"])
+            if r["recipe"] == name and r.get("scale") == scale]
 
 
 def run_one(recipe: str | dict, seed: int, scale: str) -> dict:
@@ -72,8 +102,8 @@ def run_one(recipe: str | dict, seed: int, scale: str) -> dict:
     from winnow.config import set_params
 
     set_params("params.yaml", {"filter.recipe": recipe, "train.seed": seed, "train.scale": scale})
+    name = point_name(recipe, seed, scale)
     recipe = recipe_name(recipe)
-    name = f"{recipe}-s{seed}"
     # an experiment of the same name from an earlier sweep is replaced (`exp run --force` would also
     # force every stage to re-run, which is not what a sweep wants)
     subprocess.run(["dvc", "exp", "remove", name], env=_env(), capture_output=True)
@@ -134,7 +164,7 @@ def _sweep(recipes: list[str | dict], seeds: list[int], scale: str, results: Pat
         for recipe in recipes:
             key = point_key(recipe, scale, measured_on)     # the seed is not in the key
             for seed in seeds:
-                path = results / f"{recipe_name(recipe)}-s{seed}.json"
+                path = result_path(results, recipe, seed, scale)
                 kept = read_json(path) if path.exists() else {}
                 if kept.get("key") == key:
                     rows.append(kept)

@@ -94,10 +94,12 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     """Which image shards hold each metadata file's samples, and the download's counts.
 
     Returns ``{"by_file": {stem: [image shards]}, "image_shards": [...], "counts": {...}}``; a record
-    whose uid is in no metadata file is counted (``unknown_uids``), never an error.
+    whose uid is in no metadata file is counted (``unknown_uids``), never an error; ``downloaded``
+    counts metadata uids with a successful record, once each (``duplicate_downloads``: the records
+    of a uid downloaded again, e.g. by two runs whose shards were merged).
     """
     counts = {"metadata_rows": 0, "attempted": 0, "downloaded": 0, "failed": 0, "unknown_uids": 0,
-              "not_attempted": 0, "status": {}}
+              "not_attempted": 0, "duplicate_downloads": 0, "status": {}}
     if shards_uri is None:
         return {"by_file": {s: [] for s in stems}, "image_shards": [], "counts": counts}
     # the metadata's uids, sorted, each with its file: one searchsorted per record file finds owners
@@ -116,6 +118,7 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     uids, owner = uids[order], owner[order]
     counts["metadata_rows"] = int(len(uids))
     attempted = np.zeros(len(uids), bool)
+    downloaded = np.zeros(len(uids), bool)       # a metadata uid with a successful record (counted once)
     by_file: dict[str, list[str]] = {s: [] for s in stems}
     shard_list = image_shards(shards_uri)
     for shard in shard_list:
@@ -134,8 +137,12 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
         for s, n in zip(*np.unique(status.astype(str), return_counts=True)):
             counts["status"][s] = counts["status"].get(s, 0) + int(n)
         counts["attempted"] += len(status)
-        counts["downloaded"] += int((status == SUCCESS).sum())
-    counts["failed"] = counts["attempted"] - counts["downloaded"]
+        counts["failed"] += int((status != SUCCESS).sum())
+        # a uid downloaded by two runs (their shards merged) is one sample, not two
+        got = pos_c[hit & (status[valid] == SUCCESS)]
+        counts["duplicate_downloads"] += int(downloaded[got].sum()) + len(got) - len(np.unique(got))
+        downloaded[got] = True
+    counts["downloaded"] = int(downloaded.sum())
     counts["not_attempted"] = int((~attempted).sum())
     return {"by_file": by_file, "image_shards": shard_list, "counts": counts}
 
