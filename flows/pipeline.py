@@ -147,9 +147,10 @@ def pipeline(recipe: str | None = None, scale: str | None = None, dvc_yaml: str 
     written when they cannot run), and params.yaml is put back if the run then fails."""
     from winnow import preflight
     from winnow.config import set_params
+    from winnow.workspace import workspace_lock
 
     updates = {k: v for k, v in {"filter.recipe": recipe, "train.scale": scale}.items() if v}
-    with preflight.workspace_lock(), preflight.restore_on_failure("params.yaml"):
+    with workspace_lock(), preflight.restore_on_failure("params.yaml"):
         params = preflight.run("params.yaml", updates)   # a bad value fails here, before params.yaml is written
         if updates:
             set_params("params.yaml", updates)

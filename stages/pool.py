@@ -3,6 +3,8 @@
 An existing pool is either DataComp's download layout (``pool.uri`` = the download's ``--data_dir``
 with ``metadata/`` and ``shards/``, or ``pool.metadata_uri`` / ``pool.shards_uri``) or a directory of
 winnow's per-shard ``{n:08d}.parquet/.npz/.tar``. Nothing is copied: the manifest points at it."""
+import sys
+
 from winnow import io as wio
 from winnow.config import Params
 from winnow.io import atomic_dir, write_json
@@ -55,7 +57,12 @@ def body(p: Params) -> dict:
     if pool.is_download:
         c = summary["download"]
         out.update(attempted=c["attempted"], downloaded=c["downloaded"], failed_downloads=c["failed"],
-                   not_attempted=c["not_attempted"], image_shards=len(summary["image_shards"]))
+                   not_attempted=c["not_attempted"], image_shards=len(summary["image_shards"]),
+                   duplicate_downloads=c["duplicate_downloads"], tars_without_record=c["tars_without_record"])
+        if c["tars_without_record"]:   # their images are not in the pool: say which, not only how many
+            print(f"winnow pool: {c['tars_without_record']} image tar(s) have no img2dataset record parquet (an "
+                  f"unfinished download shard), their samples count as not downloaded: "
+                  f"{c['tars_without_record_examples']}", file=sys.stderr)
     return out
 
 

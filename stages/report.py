@@ -68,7 +68,7 @@ def body(p: Params) -> dict:
         "stages from cache": ", ".join(cached) or "none"}
     run.description = " ".join(params_recipe(p.filter).description.split())
     if funnel.get("recipe") != "no_filter":
-        run.baseline = compare.baseline(rows, p.train.scale, exclude=me)
+        run.baseline = compare.baseline(rows, p.train.scale, exclude=me, comparable=track.comparable(p))
     figs = report.figures(run, "data/pool")
     PLOTS.mkdir(parents=True, exist_ok=True)
     for old in PLOTS.glob("*.png"):     # an earlier recipe's figures (its steps' grids) are not this run's

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MICRO_PARAMS = {
     "seed": 0,
     "pool": {"source": "demo", "uri": "data/pool", "num_samples": 600, "shard_size": 200,
-             "trusted_samples": 400, "image_size": 64, "min_downloaded": 0.5},
+             "trusted_samples": 400, "image_size": 64, "min_downloaded": 0.5, "max_unreadable_tars": 0.0},
     "eval": {"suite": "demo", "data_root": "data/tasks", "test_samples": 96, "train_samples": 32, "batch_size": 64},
     "scorer": {"model": "winnow-tiny", "pretrained": None, "train": {"epochs": 3, "batch_size": 64, "lr": 0.001, "warmup": 2},
                "min_auc": 0.5},

@@ -261,3 +261,25 @@ def test_a_tar_cut_between_a_samples_members_is_counted_and_gated(datacomp_pool,
     meta = reshard(pool, _uids(dc["table"].uid), str(tmp_path / "subset"), shard_size=40)
     assert meta["incomplete_samples"] == 1 and list(meta["unreadable_tars"]) == ["00000000"]
     assert meta["output_count"] == meta["unique_uids_found"] < len(dc["downloaded"])
+
+
+def test_an_unfinished_shard_an_empty_metadata_folder_and_a_bad_uid_are_named(datacomp_pool, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from winnow.pool.shards import ShardError
+
+    dc = datacomp_pool
+    root = _copy_download(dc, tmp_path / "dl")
+    (root / "shards" / "00000000.parquet").unlink()          # img2dataset writes the record last
+    c = _open({"root": root}, tmp_path / "a").manifest["download"]
+    assert c["tars_without_record"] == 1 and c["tars_without_record_examples"] == ["00000000"]
+    empty = tmp_path / "empty"
+    (empty / "metadata" / "part_0").mkdir(parents=True)       # an interrupted or a split download
+    with pytest.raises(ShardError, match=r"no \.parquet metadata files in .*metadata .*part_0"):
+        _open({"root": empty}, tmp_path / "b")
+    meta = root / "metadata" / f"{dc['metadata_files'][1]}.parquet"
+    t = pq.read_table(meta)
+    pq.write_table(t.set_column(0, "uid", pa.array(["abc"] + t["uid"].to_pylist()[1:])), meta)
+    with pytest.raises(ShardError, match=f"metadata file {dc['metadata_files'][1]}: .*32 hex"):
+        _open({"root": root}, tmp_path / "c")

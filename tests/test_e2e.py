@@ -16,7 +16,7 @@ from tests.helpers import MICRO_PARAMS, changed_stages, dvc, env_for_subprocess,
 
 pytestmark = pytest.mark.slow
 STAGES = ["pool", "tasks", "plan", "scorer", "embed", "filter", "reshard", "train", "evaluate", "report"]
-ALL_STAGES = ["check", *STAGES]   # `check` (the preflight): no gate; re-runs on any params change
+ALL_STAGES = ["check", *STAGES]   # `check` (the preflight): no gate; always runs (it fingerprints external inputs)
 TASKS = ["shapes", "shapes_outline", "counting", "colours", "shape_kinds", "retrieval"]   # configs/tasks/demo.yaml
 
 
@@ -113,10 +113,29 @@ def test_mlflow_has_one_parent_with_a_child_per_stage(built):
     assert sorted((m.step, m.value) for m in history) == [(r["samples"], r["loss"]) for r in curve]
 
 
-def test_second_repro_runs_only_the_report(project):
-    """The report reads MLflow, which DVC cannot hash: it always runs; nothing else does."""
+def test_second_repro_runs_only_the_check_and_the_report(project):
+    """The report reads MLflow, which DVC cannot hash, and the check fingerprints what params.yaml
+    names outside DVC's view: both always run; nothing else does (the fingerprints are unchanged)."""
     proc = dvc(project, "repro", check=True)
-    assert ran(proc) == ["report"]
+    assert ran(proc) == ["check", "report"]
+
+
+def test_an_edited_file_a_recipe_reads_from_outside_the_project_reruns_the_filter(project, tmp_path):
+    """text_entity's word list given as a path DVC does not track: editing it re-ran nothing and the
+    subset stayed stale. The check stage fingerprints it (data/check/inputs/filter.json)."""
+    words = tmp_path / "words.txt"
+    shipped = (project / "configs/text_entity/demo_words.txt").read_text()
+    words.write_text(shipped)
+    set_filter(project, recipe="text_based", overrides={"text_entity": {"words": str(words)}})
+    dvc(project, "repro", "filter", check=True)
+    before = subset_uids(project)
+    words.write_text(shipped.replace("\nstar\nstars\n", "\n"))            # stars are no longer entities
+    proc = dvc(project, "repro", "filter", check=True)
+    assert "filter" in ran(proc) and "pool" not in ran(proc)
+    after = subset_uids(project)
+    assert 0 < len(after) < len(before) and set(after) < set(before)
+    proc = dvc(project, "repro", "filter", check=True)                       # unchanged since: not again
+    assert ran(proc) == ["check"]
 
 
 def test_filter_change_reruns_only_downstream(project):
@@ -127,7 +146,7 @@ def test_filter_change_reruns_only_downstream(project):
     set_filter(project, overrides={"clip_score": {"fraction": 0.28}})
     proc = dvc(project, "repro", "filter", check=True)
     assert ran(proc) == ["check", "plan", "filter"]
-    assert set(json.loads(dvc(project, "status", "--json", check=True).stdout)) == {"reshard", "report"}
+    assert set(json.loads(dvc(project, "status", "--json", check=True).stdout)) == {"check", "reshard", "report"}
     set_filter(project, overrides={}, recipe="basic")
     proc = dvc(project, "repro", "filter", check=True)
     assert ran(proc) == ["check", "plan", "scorer", "embed", "filter"]

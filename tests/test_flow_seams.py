@@ -128,15 +128,15 @@ def test_a_flow_run_leaves_its_store_out_of_the_environment(in_project, monkeypa
 
 def test_the_workspace_lock_refuses_a_second_run(in_project):
     from flows.pipeline import pipeline
-    from winnow import preflight
+    from winnow.workspace import WorkspaceBusy, workspace_lock
 
     proj = in_project(2)
     before = (proj / "params.yaml").read_bytes()
-    with preflight.workspace_lock():          # another run holds this workspace
+    with workspace_lock():          # another run holds this workspace
         state = pipeline(recipe="basic", return_state=True)
-    assert isinstance(_exception(state), preflight.WorkspaceBusy)
+    assert isinstance(_exception(state), WorkspaceBusy)
     assert (proj / "params.yaml").read_bytes() == before and not (proj / "ok.txt").exists()
-    with preflight.workspace_lock():          # released by the failed run too
+    with workspace_lock():          # released by the failed run too
         pass
 
 

@@ -15,6 +15,7 @@ import yaml
 from tests.helpers import (MICRO_PARAMS, ROOT, copy_project, dvc, env_for_subprocess, git, make_project,
                            read_params, write_params)
 from winnow import dvcfile, preflight
+from winnow.workspace import check_workspace
 from winnow.config import ParamsError
 
 
@@ -216,7 +217,7 @@ def committed(tmp_path_factory):
     _fake_outputs(proj)
     dvc(proj, "commit", "-f", check=True)
     status = dvc(proj, "status", check=True).stdout
-    assert status.split() == ["report:", "always", "changed"], status     # report is always_changed
+    assert status.split() == ["check:", "always", "changed", "report:", "always", "changed"], status   # always_changed
     git(proj, "add", "-A")
     git(proj, "commit", "-qm", "built")
     return proj
@@ -277,3 +278,35 @@ def test_dvc_exp_run_with_a_bad_recipe_keeps_every_output(committed, tmp_path):
             assert (proj / p).read_bytes() == b, p
     # DVC leaves the failed experiment's value in the workspace's params.yaml (documented, not fought)
     assert read_params(proj)["filter"]["recipe"] == "basik"
+
+
+_HOLDER = """
+import subprocess, sys, time
+from winnow.workspace import workspace_lock
+with workspace_lock():
+    child = subprocess.run([sys.executable, "-c", "from winnow.workspace import check_workspace; check_workspace()"])
+    print("child", child.returncode, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_stage_refuses_a_workspace_another_run_holds_and_runs_under_its_holder(tmp_path):
+    """DVC locks paths, not runs: a `dvc exp run` beside a `winnow run` ran its early stages between
+    the other's, with its own params. A stage of the holder (its descendant) goes on; any other fails
+    at once, naming the holder."""
+    import shutil
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER], cwd=tmp_path, env=env_for_subprocess(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().split() == ["child", "0"]      # the holder's own stage
+        shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+        shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+        proc = subprocess.run([sys.executable, "-c", "from winnow.stage import main; main('plan', lambda p: {})"],
+                              cwd=tmp_path, env=env_for_subprocess(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "WorkspaceBusy" in proc.stderr and f"pid {holder.pid}" in proc.stderr, proc.stderr
+        assert not (tmp_path / "mlflow.db").exists()                    # refused before anything was logged
+    finally:
+        holder.kill()
+        holder.wait()
+    check_workspace(tmp_path / ".winnow" / "flow.lock")       # released with its holder: free again

@@ -50,3 +50,21 @@ def test_untrusted_text_is_escaped_in_the_html():
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 6
     assert 'alt="x&#34;&gt;&lt;img src=y onerror=alert(2)&gt;' in page
     assert page.count("<script>") == 1   # the page's own image check
+
+
+def test_the_delta_is_measured_against_a_no_filter_run_on_the_same_pool_and_evaluation():
+    """The newest no_filter parent at the same scale was the baseline even when it ran on another
+    pool: a sweep over pool.* measured Δ against a different world."""
+    from winnow import compare, track
+    from winnow.config import Params
+
+    p = Params()
+    same = track.comparable(p)
+    assert track.comparable(Params.model_validate({"filter": {"recipe": "basic"}, "train": {"seed": 3}})) == same
+    for other in ({"pool": {"num_samples": 800}}, {"eval": {"test_samples": 10}}, {"seed": 1},
+                  {"train": {"scale": "micro"}}):
+        assert track.comparable(Params.model_validate(other)) != same, other
+    row = {"recipe": "no_filter", "scale": "tiny", "average": 0.3, "partial": False}
+    rows = [row | {"run_id": "newer", "comparable": "another pool"}, row | {"run_id": "older", "comparable": same}]
+    assert compare.baseline(rows, "tiny", comparable=same)["run_id"] == "older"
+    assert compare.baseline(rows[:1], "tiny", comparable=same) is None

@@ -35,7 +35,7 @@ def _check() -> int:
 def _run(extra: list[str]) -> int:
     """``dvc repro`` under one MLflow parent run, holding the workspace (no Prefect run or sweep
     shares it); exits with the failed stage's own status (2: a config error)."""
-    from winnow import preflight, track
+    from winnow import preflight, track, workspace
     from winnow.dvcfile import stage_exit_code
 
     from winnow.errors import WinnowError
@@ -48,13 +48,13 @@ def _run(extra: list[str]) -> int:
         return getattr(exc, "exit_code", 1)
     t0 = time.time()
     try:
-        with terminate_unwinds(), preflight.workspace_lock(), track.pipeline_run(params) as run:
+        with terminate_unwinds(), workspace.workspace_lock(), track.pipeline_run(params) as run:
             env = dict(os.environ)   # with the parent run's id
             env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
             rc, tail = _tee_stderr(["dvc", "repro", *extra], env)
             if rc != 0:
                 raise _Failed(stage_exit_code(tail.splitlines(), rc))
-    except preflight.WorkspaceBusy as exc:
+    except workspace.WorkspaceBusy as exc:
         print(str(exc), file=sys.stderr)
         return 1
     except _Failed as failed:

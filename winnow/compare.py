@@ -45,6 +45,7 @@ def runs_table(tracking_uri: str, experiment: str, limit: int = 50, current: str
             "kept_fraction": m.get("kept_fraction"), "imagenet": m.get("group.ImageNet"),
             "groups": {k.removeprefix("group."): v for k, v in m.items() if k.startswith("group.")},
             "average": score, "partial": "average" not in m,   # partial: some ranked tasks missing
+            "comparable": t.get("winnow.comparable"),
         })
         if len(rows) >= limit:
             break
@@ -55,9 +56,11 @@ def _int(v) -> int | None:
     return None if v is None else int(v)
 
 
-def baseline(rows: list[dict], scale: str | None, exclude: str | None = None) -> dict | None:
-    """The newest no_filter row at ``scale`` (not the run ``exclude``): what Δ is measured against."""
+def baseline(rows: list[dict], scale: str | None, exclude: str | None = None, comparable: str | None = None) -> dict | None:
+    """The newest no_filter row at ``scale`` (not the run ``exclude``) measured on the same pool,
+    evaluation and training (``comparable``, track.comparable; None: any): what Δ is measured against."""
     return next((r for r in rows if r["recipe"] == "no_filter" and r["scale"] == scale and r["run_id"] != exclude
+                 and (comparable is None or r.get("comparable") == comparable)
                  and r["average"] is not None and not r.get("partial")), None)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -236,6 +235,42 @@ def _external(pool) -> tuple[set[str], set[str] | None]:
     # with its own exit status (1), so Prefect retries it
 
 
+INPUTS = "data/check/inputs"   # <consumer>.json: what the stage reads from outside DVC's view
+
+
+def external_inputs(p: Params, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, dict]:
+    """Per consuming stage, the identity (jobs.content_identity: bytes of small files, size and
+    mtime of large ones, S3 ETags) of every input params.yaml names that no stage produces and
+    dvc.yaml cannot list: an external pool (``pool``), the files a recipe's steps and targets read
+    (``filter``), a local or S3 scorer checkpoint (``scorer``), an external evaluation root
+    (``eval``). The check stage, which runs on every ``dvc repro``, writes them, and each consumer
+    depends on its own: an edited word list or a re-downloaded pool re-runs what reads it."""
+    from winnow import dvcfile
+    from winnow.filters.engine import params_recipe
+    from winnow.jobs import content_identity
+    from winnow.io import is_remote
+
+    produced = [Path(o).resolve() for spec in dvcfile.stages(dvc_yaml).values() for o in dvcfile.declared_outputs(spec)]
+
+    def outside(uri: str) -> bool:   # not a pipeline output (those are DVC's already)
+        if is_remote(uri):
+            return True
+        path = Path(uri).resolve()
+        return not any(path == o or o in path.parents for o in produced)
+
+    def identities(uris) -> dict:
+        return {u: content_identity(u) for u in sorted({str(u) for u in uris if u}) if outside(u)}
+
+    pool = [] if p.pool.source == "demo" else [p.pool.uri, p.pool.metadata_uri, p.pool.shards_uri]
+    recipe = params_recipe(p.filter)
+    files = [f for s in recipe.steps for f in s.files()]
+    files += [f for fs in recipe.targets.values() for f in ([fs] if isinstance(fs, str) else fs)]
+    weights = p.scorer.pretrained
+    local_or_s3 = weights and (is_remote(weights) or Path(weights).exists())
+    return {"pool": identities(pool), "filter": identities(files),
+            "scorer": identities([weights] if local_or_s3 else []), "eval": identities([p.eval.data_root])}
+
+
 def run(path: str | Path = "params.yaml", updates: dict | None = None) -> Params:
     """The validated params of ``path`` with ``updates`` applied (nothing is written); raises a
     ParamsError listing every problem."""
@@ -249,42 +284,6 @@ def run(path: str | Path = "params.yaml", updates: dict | None = None) -> Params
 
 
 # --- what runs the pipeline with new params: one run per workspace, params.yaml put back on failure
-
-LOCK = ".winnow/flow.lock"
-
-
-class WorkspaceBusy(WinnowError, RuntimeError):
-    """Another run (a Prefect flow run, a sweep) is using this workspace."""
-
-
-@contextlib.contextmanager
-def workspace_lock(path: str | Path = LOCK) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (flock: released by the kernel when the holder dies), or
-    raise WorkspaceBusy naming the holder: two runs never share params.yaml and the outputs."""
-    import fcntl
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
-        fh.close()
-        raise WorkspaceBusy(f"this workspace is in use by another run ({holder}; lock {path}): "
-                            "one run at a time per workspace") from None
-    try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
-        fh.flush()
-        yield
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
-
 
 @contextlib.contextmanager
 def restore_on_failure(path: str | Path = "params.yaml") -> Iterator[None]:

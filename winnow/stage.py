@@ -31,6 +31,9 @@ def main(stage: str, body: Callable[[Params], dict]) -> None:
 
     t0 = time.time()
     try:
+        from winnow.workspace import check_workspace
+
+        check_workspace()     # never between the stages of another run in this workspace
         sections = params_keys(stage)
         params = load_params()
         if params.storage.endpoint_url:

@@ -150,9 +150,9 @@ def _put_back(saved: dict[str, bytes]) -> None:
 
 
 def sweep(recipes: list[str | dict], seeds: list[int], scale: str, results: Path = RESULTS) -> list[dict]:
-    from winnow import preflight
+    from winnow.workspace import workspace_lock
 
-    with preflight.workspace_lock():
+    with workspace_lock():
         preflight_all(recipes, seeds, scale)
         return _sweep(recipes, seeds, scale, results)
 

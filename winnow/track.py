@@ -280,6 +280,20 @@ def git_commit() -> str | None:
     return rev or None
 
 
+COMPARABLE_TAG = "winnow.comparable"
+
+
+def comparable(params) -> str:
+    """What two runs must share for one to be the other's baseline: the pool (and the seed that
+    generates a demo pool), the evaluation, and the training but its seed. Not the recipe, nor the
+    scorer (no_filter reads none)."""
+    from winnow.jobs import digest
+
+    return digest({"pool": params.pool.model_dump(mode="json"), "seed": params.seed,
+                   "eval": params.eval.model_dump(mode="json"),
+                   "train": params.train.model_dump(mode="json", exclude={"seed"})}, 16)
+
+
 def describe(params) -> tuple[dict, dict]:
     """The params and tags of a pipeline parent run: what tells one execution from another in
     MLflow's compare view (the whole params.yaml is in each stage's child run)."""
@@ -293,7 +307,7 @@ def describe(params) -> tuple[dict, dict]:
         p["filter.overrides"] = json.dumps(params.filter.overrides, sort_keys=True)
     exp = os.environ.get("DVC_EXP_NAME")
     tags = {"winnow.kind": "pipeline", "winnow.recipe": recipe, "winnow.scale": params.train.scale,
-            "winnow.pool_source": params.pool.source}
+            "winnow.pool_source": params.pool.source, COMPARABLE_TAG: comparable(params)}
     if commit := git_commit():
         tags["winnow.git_commit"] = tags["mlflow.source.git.commit"] = commit
     if exp:

@@ -28,11 +28,14 @@ SUCCESS = "success"
 
 
 def is_download_dir(uri: str) -> bool:
-    """True when ``uri`` is a download's ``--data_dir`` (it holds ``metadata/``)."""
-    try:
-        return any(n.endswith(".parquet") for n in wio.list_names(wio.join(uri, "metadata")))
-    except FileNotFoundError:
-        return False
+    """True when ``uri`` is a download's ``--data_dir`` (it holds ``metadata/``, even an empty one:
+    an interrupted download is then named as such, not taken for another layout)."""
+    meta = wio.join(uri, "metadata")
+    if wio.is_remote(meta):   # a prefix exists when something is under it (a part_0/ folder included)
+        from winnow import s3
+
+        return bool(s3.list_objects(str(meta)))
+    return wio.local(meta).is_dir()
 
 
 def locate(uri: str | None, metadata_uri: str | None = None, shards_uri: str | None = None) -> tuple[str, str | None]:
@@ -60,7 +63,9 @@ def metadata_files(metadata_uri: str) -> list[str]:
         raise ShardError(f"metadata directory not found: {metadata_uri}") from None
     stems = sorted(n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith("."))
     if not stems:
-        raise ShardError(f"no .parquet metadata files in {metadata_uri}")
+        raise ShardError(f"no .parquet metadata files in {metadata_uri} (download_upstream.py writes them there "
+                         "first; a download split in parts, e.g. metadata/part_0/, needs pool.metadata_uri set to "
+                         "one part, or the parts' files moved into one folder)")
     return stems
 
 
@@ -99,7 +104,7 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     of a uid downloaded again, e.g. by two runs whose shards were merged).
     """
     counts = {"metadata_rows": 0, "attempted": 0, "downloaded": 0, "failed": 0, "unknown_uids": 0,
-              "not_attempted": 0, "duplicate_downloads": 0, "status": {}}
+              "not_attempted": 0, "duplicate_downloads": 0, "tars_without_record": 0, "status": {}}
     if shards_uri is None:
         return {"by_file": {s: [] for s in stems}, "image_shards": [], "counts": counts}
     # the metadata's uids, sorted, each with its file: one searchsorted per record file finds owners
@@ -109,7 +114,10 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
             col = pq.read_table(wio.source(wio.join(metadata_uri, f"{stem}.parquet")), columns=["uid"])["uid"]
         except (pa.ArrowInvalid, OSError, KeyError) as exc:
             raise ShardError(f"metadata file {stem}: cannot read its uid column: {exc}") from None
-        arr = U.hex_to_array(col, sort=False)
+        try:
+            arr = U.hex_to_array(col, sort=False)
+        except U.UidError as exc:
+            raise ShardError(f"metadata file {stem}: {exc}") from None
         parts.append(arr)
         owner.append(np.full(len(arr), k, np.int32))
     uids = np.concatenate(parts) if parts else np.zeros(0, U.UID_DTYPE)
@@ -144,6 +152,9 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
         downloaded[got] = True
     counts["downloaded"] = int(downloaded.sum())
     counts["not_attempted"] = int((~attempted).sum())
+    # img2dataset writes a shard's record last: a tar without one is a shard it never finished
+    orphans = sorted({n[: -len(".tar")] for n in wio.list_names(shards_uri) if n.endswith(".tar")} - set(shard_list))
+    counts["tars_without_record"], counts["tars_without_record_examples"] = len(orphans), orphans[:5]
     return {"by_file": by_file, "image_shards": shard_list, "counts": counts}
 
 

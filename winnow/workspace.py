@@ -1,0 +1,77 @@
+"""The workspace lock: one run at a time per project directory.
+
+``winnow run``, a Prefect flow run and a sweep hold ``.winnow/flow.lock`` (an flock, released by
+the kernel when the holder dies) for as long as they run; a second one fails at once, naming the
+first. Every stage checks it too (``check_workspace``, from ``winnow.stage``), so a bare
+``dvc repro`` / ``dvc exp run`` started beside a holder cannot run its stages between the holder's.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from winnow.errors import WinnowError
+
+LOCK = ".winnow/flow.lock"
+
+
+class WorkspaceBusy(WinnowError, RuntimeError):
+    """Another run (a Prefect flow run, a sweep) is using this workspace."""
+
+
+@contextlib.contextmanager
+def workspace_lock(path: str | Path = LOCK) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (flock: released by the kernel when the holder dies), or
+    raise WorkspaceBusy naming the holder: two runs never share params.yaml and the outputs."""
+    import fcntl
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise WorkspaceBusy(f"this workspace is in use by another run ({holder}; lock {path}): "
+                            "one run at a time per workspace") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def check_workspace(path: str | Path = LOCK) -> None:
+    """Refuse to run a stage while another execution holds the workspace (WorkspaceBusy naming it).
+    DVC's own lock covers only the paths a command touches, so a ``dvc exp run`` started beside a
+    ``winnow run`` would run its early stages between the other's, with its params. A stage of the
+    execution that holds the lock (a ``winnow run``, a Prefect flow run, a sweep: all its ancestors)
+    goes on."""
+    import fcntl
+
+    import psutil
+
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as fh:
+        try:   # a shared probe, released at once: free unless a holder has it exclusively
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return
+        except BlockingIOError:
+            holder = fh.read().strip() or "unknown"
+    pid = int(holder.split()[1]) if holder.startswith("pid ") and holder.split()[1].isdigit() else None
+    if pid is not None and pid in {p.pid for p in psutil.Process().parents()}:
+        return
+    raise WorkspaceBusy(f"this workspace is in use by another run ({holder}; lock {path}): one run at a time per "
+                        "workspace (a DVC experiment can run beside it in its own copy: dvc exp run --temp, or --queue)")
