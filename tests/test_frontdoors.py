@@ -90,14 +90,15 @@ def test_compare_lists_both_points_by_recipe_and_creates_no_run(swept_project, t
 
 
 def test_a_repro_from_the_cache_is_a_parent_of_cached_stages_and_no_new_model(swept_project, tmp_path):
-    """`dvc repro` after the sweep changes nothing but the report: the new parent has every stage as a
-    child (cached ones marked), the same headline, and `winnow compare` still has one row per model."""
+    """`dvc repro` after the sweep runs nothing but the check and the report (both always run): the
+    new parent has every stage as a child (cached ones marked), the same headline, and `winnow
+    compare` still has one row per model."""
     project = copy_project(swept_project, tmp_path / "project")
     rows_before = winnow(project, "compare").stdout.count("\n| ")
     dvc(project, "repro", check=True)
     repro = _parents(project)["dvc-repro"]
     kids = _children(project, repro.info.run_id)
-    assert sorted(s for s, r in kids.items() if r.data.tags.get("winnow.cached")) == sorted(set(kids) - {"report"})
+    assert sorted(s for s, r in kids.items() if r.data.tags.get("winnow.cached")) == sorted(set(kids) - {"check", "report"})
     assert repro.data.params["recipe"] == "basic"    # the last point's results are in the workspace
     assert repro.data.metrics["average"] == pytest.approx(_parents(project)["pt-basic"].data.metrics["average"])
     assert winnow(project, "compare").stdout.count("\n| ") == rows_before

@@ -250,3 +250,21 @@ def test_a_remote_folder_with_folder_markers_copies_and_a_file_folder_clash_is_n
     c.put_object(Bucket=BUCKET, Key="clash/x/y", Body=b"under it")
     with pytest.raises(s3.S3Error, match="is an object and also a folder"):
         wio.cache_local(f"s3://{BUCKET}/clash")
+
+
+def test_a_run_of_tiny_extension_headers_is_a_corrupt_tar_not_a_recursion_error(tmp_path):
+    """tarfile recurses once per pax / GNU long-name record: 2000 tiny ones before one member ended
+    in RecursionError, past every tar reader's error handling."""
+    from winnow.pool import shards
+
+    blocks = b""
+    for _ in range(2000):
+        name = b"x" * 600 + b"\0"
+        info = tarfile.TarInfo("././@LongLink")
+        info.type, info.size = tarfile.GNUTYPE_LONGNAME, len(name)
+        blocks += info.tobuf(tarfile.GNU_FORMAT) + name + b"\0" * (-len(name) % 512)
+    member = tarfile.TarInfo("a.txt")
+    member.size = 5
+    (tmp_path / "00000000.tar").write_bytes(blocks + member.tobuf(tarfile.USTAR_FORMAT) + b"hello" + bytes(507 + 1024))
+    with pytest.raises(shards.ShardError, match="extended headers before one member"):
+        list(shards.iter_tar(str(tmp_path), "00000000"))

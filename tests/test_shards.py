@@ -60,7 +60,10 @@ def test_tar_round_trip_and_hostile_member_names(tmp_path):
     shards.write_tar(str(tmp_path), "00000000", [{"__key__": "k0", "jpg": b"\xff\xd8x", "txt": "hi",
                                                   "json": {"uid": "0" * 32}}])
     got = list(shards.iter_tar(str(tmp_path), "00000000"))
-    assert got[0]["txt"] == "hi" and got[0]["json"]["uid"] == "0" * 32
+    assert got[0]["txt"] == "hi" and got[0]["json"]["uid"] == "0" * 32 and got[0]["ext"] == "jpg"
+    # img2dataset --encode_format png/webp: the image keeps its suffix (reshard writes it under it)
+    shards.write_tar(str(tmp_path), "00000002", [{"__key__": "k0", "png": b"\x89PNGx", "txt": "hi"}])
+    assert [(s["ext"], s["jpg"]) for s in shards.iter_tar(str(tmp_path), "00000002")] == [("png", b"\x89PNGx")]
     assert shards.read_stats(str(tmp_path), "00000000")["successes"] == 1
     # members named ../ or absolute are read in memory, never written anywhere
     evil = tmp_path / "evil"

@@ -83,17 +83,26 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, formats: tuple[str, ..
 
 
 MAX_HEADER_BYTES = 1 << 20               # the largest pax / GNU long-name header record read
+MAX_HEADER_RUN = 8                       # extension records before one member (a real one has 1-2)
 
 
 class _CappedTarInfo(tarfile.TarInfo):
     """A tar header whose extension records (pax, GNU long names) are refused above
-    MAX_HEADER_BYTES: tarfile reads such a record whole, before any member-size check can run, so
-    a 5-byte member could otherwise bring a 300 MB header into memory."""
+    MAX_HEADER_BYTES, or when more than MAX_HEADER_RUN of them precede one member: tarfile reads a
+    record whole before any member-size check can run (a 5-byte member could bring a 300 MB header
+    into memory), and recurses once per record (thousands of tiny ones end in RecursionError)."""
 
     def _proc_member(self, tf):   # tarfile's dispatch on the header type (CPython 3.8-3.13)
-        if self.type in _EXTENSION_TYPES and self.size > MAX_HEADER_BYTES:
-            raise tarfile.SubsequentHeaderError(   # tarfile turns it into ReadError: a corrupt tar
-                f"a {self.size:,}-byte extended header, above the cap of {MAX_HEADER_BYTES:,}")
+        if self.type in _EXTENSION_TYPES:
+            run = getattr(tf, "_winnow_header_run", 0) + 1
+            if self.size > MAX_HEADER_BYTES or run > MAX_HEADER_RUN:
+                raise tarfile.SubsequentHeaderError(   # tarfile turns it into ReadError: a corrupt tar
+                    f"a {self.size:,}-byte extended header, above the cap of {MAX_HEADER_BYTES:,}"
+                    if self.size > MAX_HEADER_BYTES else f"{run} extended headers before one member, above the cap of "
+                                                         f"{MAX_HEADER_RUN}")
+            tf._winnow_header_run = run
+        else:
+            tf._winnow_header_run = 0
         return super()._proc_member(tf)
 
 

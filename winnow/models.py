@@ -59,7 +59,10 @@ def check_known(model: str, what: str = "scorer.model") -> None:
 def load(model: str, pretrained: str | None = None, device: str = "cpu"):
     """Return ``(model.eval(), preprocess, tokenizer)``. ``pretrained``: None, an open_clip tag, a
     local checkpoint path or an ``s3://`` URI of one."""
+    import pickle
+
     import open_clip
+    from safetensors import SafetensorError
 
     check_known(model, "model")
     pretrained = resolve_weights(pretrained)
@@ -76,10 +79,12 @@ def load(model: str, pretrained: str | None = None, device: str = "cpu"):
                 f"pretrained weights '{pretrained}' for {model} are not cached and this machine is offline "
                 f"(HF_HUB_OFFLINE=1). Provide them: download on a connected machine into the Hugging Face "
                 f"cache (HF_HOME) and copy it here, or set `pretrained:` to a local checkpoint path.") from None
-        if pretrained and Path(pretrained).exists():
+        if pretrained and Path(pretrained).exists() and "loading state_dict" in str(exc):   # another model's
             raise _unloadable(pretrained, model, exc) from None
         raise
-    except Exception as exc:   # pickle.UnpicklingError (weights_only refused it), SafetensorError, ...
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, SafetensorError) as exc:
+        # what a file that is not this model's tensors raises (weights_only refusing an object,
+        # garbage bytes, a foreign state dict); not an out-of-memory or a bad device
         if pretrained and Path(pretrained).exists():
             raise _unloadable(pretrained, model, exc) from None
         raise

@@ -247,8 +247,9 @@ def external_inputs(p: Params, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, d
     depends on its own: an edited word list or a re-downloaded pool re-runs what reads it."""
     from winnow import dvcfile
     from winnow.filters.engine import params_recipe
-    from winnow.jobs import content_identity
     from winnow.io import is_remote
+    from winnow.jobs import content_identity
+    from winnow.tasks import loading_noise
 
     produced = [Path(o).resolve() for spec in dvcfile.stages(dvc_yaml).values() for o in dvcfile.declared_outputs(spec)]
 
@@ -258,8 +259,8 @@ def external_inputs(p: Params, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, d
         path = Path(uri).resolve()
         return not any(path == o or o in path.parents for o in produced)
 
-    def identities(uris) -> dict:
-        return {u: content_identity(u) for u in sorted({str(u) for u in uris if u}) if outside(u)}
+    def identities(uris, ignore=None) -> dict:
+        return {u: content_identity(u, ignore) for u in sorted({str(u) for u in uris if u}) if outside(u)}
 
     pool = [] if p.pool.source == "demo" else [p.pool.uri, p.pool.metadata_uri, p.pool.shards_uri]
     recipe = params_recipe(p.filter)
@@ -268,7 +269,8 @@ def external_inputs(p: Params, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, d
     weights = p.scorer.pretrained
     local_or_s3 = weights and (is_remote(weights) or Path(weights).exists())
     return {"pool": identities(pool), "filter": identities(files),
-            "scorer": identities([weights] if local_or_s3 else []), "eval": identities([p.eval.data_root])}
+            "scorer": identities([weights] if local_or_s3 else []),
+            "eval": identities([p.eval.data_root], ignore=loading_noise)}
 
 
 def run(path: str | Path = "params.yaml", updates: dict | None = None) -> Params:

@@ -258,7 +258,7 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
                             close()
                         sink = wds.TarWriter(str(build / f"{len(counts):08d}.tar"), mtime=shards.FIXED_MTIME)
                         counts.append(0)
-                    sink.write({"__key__": f"{uid}-{j}", "jpg": x["jpg"], "txt": x["txt"], "json": x["json"]})
+                    sink.write({"__key__": f"{uid}-{j}", x["ext"]: x["jpg"], "txt": x["txt"], "json": x["json"]})
                     counts[-1] += 1
         for s in mine:
             if last_tar.get(s) == tar:                # the shard's last tar: its selection is done

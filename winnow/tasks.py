@@ -611,7 +611,13 @@ def fingerprint(data: TaskData) -> str:
     base = data.hf_dir() if data.kind == "hf" else data.path
     if not base.is_dir():
         return "absent"
-    return jobs.digest(jobs.content_identity(base, ignore=lambda n: n.endswith(".lock") or ".incomplete" in n), 64)
+    return jobs.digest(jobs.content_identity(base, ignore=loading_noise), 64)
+
+
+def loading_noise(name: str) -> bool:
+    """Files that reading an evaluation set writes (the datasets cache's locks and partial
+    downloads): not part of the set's identity."""
+    return name.endswith(".lock") or ".incomplete" in name
 
 
 def check_set(task: Task, data_root: str | os.PathLike, layout: str) -> dict:

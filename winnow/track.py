@@ -289,8 +289,10 @@ def comparable(params) -> str:
     scorer (no_filter reads none)."""
     from winnow.jobs import digest
 
-    return digest({"pool": params.pool.model_dump(mode="json"), "seed": params.seed,
-                   "eval": params.eval.model_dump(mode="json"),
+    return digest({"pool": params.pool.model_dump(mode="json", exclude={"min_downloaded", "max_unreadable_tars"}),
+                   "seed": params.seed,      # gates' floors (above) and how evaluation runs (below) change no score
+                   "eval": params.eval.model_dump(mode="json", exclude={"workers", "device", "batch_size",
+                                                                        "max_quarantined", "allow_partial"}),
                    "train": params.train.model_dump(mode="json", exclude={"seed"})}, 16)
 
 

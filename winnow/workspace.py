@@ -21,12 +21,18 @@ class WorkspaceBusy(WinnowError, RuntimeError):
     """Another run (a Prefect flow run, a sweep) is using this workspace."""
 
 
+TOKEN_ENV = "WINNOW_WORKSPACE_TOKEN"   # the holder's token; its child processes inherit it
+
+
 @contextlib.contextmanager
 def workspace_lock(path: str | Path = LOCK) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (flock: released by the kernel when the holder dies), or
-    raise WorkspaceBusy naming the holder: two runs never share params.yaml and the outputs."""
+    raise WorkspaceBusy naming the holder: two runs never share params.yaml and the outputs. The
+    lock file names the holder and a random token, which the holder's environment carries to every
+    process it starts (``dvc repro`` and its stages): check_workspace lets exactly those through."""
     import fcntl
     import os
+    import secrets
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,30 +41,39 @@ def workspace_lock(path: str | Path = LOCK) -> Iterator[None]:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.seek(0)
-        holder = fh.read().strip() or "unknown"
+        holder = _holder(fh.read())
         fh.close()
         raise WorkspaceBusy(f"this workspace is in use by another run ({holder}; lock {path}): "
                             "one run at a time per workspace") from None
+    token, before = secrets.token_hex(16), os.environ.get(TOKEN_ENV)
     try:
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
+        fh.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\ntoken {token}\n")
         fh.flush()
+        os.environ[TOKEN_ENV] = token
         yield
     finally:
+        if before is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = before
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
+
+
+def _holder(text: str) -> str:
+    return (text.splitlines() or ["unknown"])[0].strip() or "unknown"
 
 
 def check_workspace(path: str | Path = LOCK) -> None:
     """Refuse to run a stage while another execution holds the workspace (WorkspaceBusy naming it).
     DVC's own lock covers only the paths a command touches, so a ``dvc exp run`` started beside a
-    ``winnow run`` would run its early stages between the other's, with its params. A stage of the
-    execution that holds the lock (a ``winnow run``, a Prefect flow run, a sweep: all its ancestors)
-    goes on."""
+    ``winnow run`` would run its early stages between the other's, with its params. A process the
+    holder started (its environment carries the holder's token) goes on. A token, not the process
+    tree: pids repeat across pid namespaces (a holder that is pid 1 in a container)."""
     import fcntl
-
-    import psutil
+    import os
 
     path = Path(path)
     if not path.exists():
@@ -69,9 +84,9 @@ def check_workspace(path: str | Path = LOCK) -> None:
             fcntl.flock(fh, fcntl.LOCK_UN)
             return
         except BlockingIOError:
-            holder = fh.read().strip() or "unknown"
-    pid = int(holder.split()[1]) if holder.startswith("pid ") and holder.split()[1].isdigit() else None
-    if pid is not None and pid in {p.pid for p in psutil.Process().parents()}:
+            text = fh.read()
+    token = next((line.split()[1] for line in text.splitlines() if line.startswith("token ") and len(line.split()) == 2), None)
+    if token is not None and os.environ.get(TOKEN_ENV) == token:
         return
-    raise WorkspaceBusy(f"this workspace is in use by another run ({holder}; lock {path}): one run at a time per "
-                        "workspace (a DVC experiment can run beside it in its own copy: dvc exp run --temp, or --queue)")
+    raise WorkspaceBusy(f"this workspace is in use by another run ({_holder(text)}; lock {path}): one run at a time "
+                        "per workspace (a DVC experiment can run beside it in its own copy: dvc exp run --temp, or --queue)")

@@ -123,16 +123,19 @@ def _json(data: bytes | None) -> dict:
 
 
 def _sample(members: dict) -> dict:
+    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if members.get(e)), "jpg")
     return {
         "__key__": members["__key__"],
-        "jpg": members.get("jpg") or members.get("jpeg") or members.get("png") or members.get("webp"),
+        "jpg": members.get(ext),        # the image, whatever its format ...
+        "ext": ext,                     # ... and the suffix it came with (img2dataset --encode_format)
         "txt": members["txt"].decode("utf-8", errors="replace") if "txt" in members else None,
         "json": _json(members.get("json")),
     }
 
 
 def iter_tar(uri: str, shard: str) -> Iterator[dict]:
-    """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "txt": str, "json": dict}``.
+    """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "ext": str, "txt": str, "json": dict}``
+    (``jpg``: the image in whatever format, ``ext`` its member suffix).
 
     Members are grouped by key (name up to the first dot) and read in memory, never extracted, so
     a member named ``../x`` or ``/x`` cannot write anywhere. Only allowlisted member types are read
