@@ -171,3 +171,19 @@ def test_engine_run_matches_the_in_memory_algorithm(tmp_path):
     assert col.isna().to_numpy().tolist() == (~decided).tolist()
     assert col[decided].astype(bool).tolist() == np.concatenate([keep[s][alive[s]] for s in pool.shards]).tolist()
     assert funnel["steps"][1]["state"] == counts and counts["duplicates"] > 0
+
+
+def test_two_equal_dedup_steps_keep_their_own_working_files(tmp_path):
+    """Two dedup_exact steps with the same parameters shared one scratch directory, wiped by the
+    later fit: inside an any_of branch the first step then applied the second one's drops."""
+    n = 20
+    table = pa.table({"uid": [f"{i:032x}" for i in range(n)], "sha256": [f"{i % 5:064x}" for i in range(n)],
+                      "text": [f"caption number {i} words" for i in range(n)]})   # rows i, i+5, …: one image
+    pq.write_table(table, shards.path(str(tmp_path), shards.stem(0), "parquet"))
+    pool = Pool(uri=str(tmp_path), shards=[shards.stem(0)], manifest={})
+    firsts = {"step": "text_regex", "drop_pattern": "number [0-4] "}    # drops each image's first copy
+    none = {"name": "none", "steps": [{"step": "text_regex", "name": "all", "drop_pattern": "."}]}
+    for steps in ([{"step": "dedup_exact"}, firsts], [{"step": "dedup_exact"}, firsts, {"step": "dedup_exact"}]):
+        f = run(load_recipe({"name": "r", "steps": [{"step": "any_of", "branches": [{"name": "dd", "steps": steps}, none]}]}),
+                pool, str(tmp_path / f"out{len(steps)}"))
+        assert f["kept_unique"] == 0, steps     # dedup keeps the first copies, which the regex then drops

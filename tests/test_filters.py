@@ -280,3 +280,17 @@ def test_inline_recipe_in_params_is_validated_and_runs(demo_pool, tmp_path):
     assert f["recipe"] == "mine" and 0 < f["kept_unique"] < 600
     with pytest.raises(ParamsError, match=r"params.yaml filter.recipe steps\[0\].*unknown step 'image_sise'.*did you mean 'image_size'"):
         load_recipe({"steps": [{"step": "image_sise"}]})
+
+
+def test_a_language_label_fasttext_never_gives_and_a_nan_cut_are_refused():
+    """`lang: EN` or `english` (fastText labels are lowercase codes) and a NaN threshold loaded and
+    then kept nothing, found only after language id had run over the whole pool."""
+    from winnow.config import ParamsError
+    from winnow.filters.engine import load_recipe
+
+    for step in ({"step": "language", "lang": "EN"}, {"step": "language", "lang": "english"},
+                 {"step": "clip_score", "score": "clip_b32_similarity_score", "threshold": float("nan")},
+                 {"step": "image_size", "max_aspect": float("nan")}):
+        with pytest.raises(ParamsError):
+            load_recipe({"name": "bad", "steps": [step]})
+    assert load_recipe({"name": "ok", "steps": [{"step": "language", "lang": "zh"}]}).steps[0].lang == "zh"

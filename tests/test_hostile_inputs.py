@@ -268,3 +268,36 @@ def test_a_run_of_tiny_extension_headers_is_a_corrupt_tar_not_a_recursion_error(
     (tmp_path / "00000000.tar").write_bytes(blocks + member.tobuf(tarfile.USTAR_FORMAT) + b"hello" + bytes(507 + 1024))
     with pytest.raises(shards.ShardError, match="extended headers before one member"):
         list(shards.iter_tar(str(tmp_path), "00000000"))
+
+
+def test_datacomps_numpy_centroid_file_loads_and_nothing_else_is_built(tmp_path):
+    """DataComp saves its centroids as a NumPy array with torch.save(pickle_protocol=4), which
+    torch's weights-only unpickler cannot read; they load through an unpickler that builds an
+    ndarray and nothing else."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    from winnow import targets
+    from winnow.config import ParamsError
+
+    centroids = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    torch.save(centroids, tmp_path / "small_centroids_l14.pt", pickle_protocol=4)
+    got = targets.load(str(tmp_path / "small_centroids_l14.pt"), normalize=False)
+    assert np.array_equal(got, centroids)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:        # torch.save's layout, a hostile pickle inside
+        z.writestr("evil/data.pkl", pickle.dumps(Evil(), protocol=4))
+        z.writestr("evil/version", "3\n")
+    with pytest.raises(ParamsError, match="cannot be read"):
+        targets.load(str(tmp_path / "evil.pt"))
+    torch.save(np.array([{"a": 1}], dtype=object), tmp_path / "objects.pt", pickle_protocol=4)
+    with pytest.raises(ParamsError):
+        targets.load(str(tmp_path / "objects.pt"))
+    assert not marker.exists()

@@ -17,7 +17,10 @@ def test_topk_and_accuracy():
     assert M.topk(logits, 2).tolist() == [[1, 2], [0, 2], [2, 1]]
     out = M.classification_metrics(logits, np.array([1, 2, 0]))
     assert out["acc1"] == pytest.approx(1 / 3)
-    assert out["acc5"] == 1.0          # only 3 classes: top-5 covers all
+    assert out["acc5"] is None         # only 3 classes: DataComp reports no acc5 (top-5 would cover all)
+    logits = np.eye(6)[[1, 2, 0, 3]] + np.arange(6) * 0.01     # row 3: class 0 first, class 5 second
+    five = M.classification_metrics(logits, np.array([1, 2, 5, 3]))
+    assert five["acc5"] == 1.0 and five["acc1"] == 0.75
 
 
 def test_macro_f1_over_present_classes():

@@ -189,3 +189,26 @@ def test_the_shipped_devil_in_details_runs_its_union_and_rebalance(demo_pool, tm
     kept = d.multiplicity > 0
     assert (d["keep:aligned"].fillna(False).astype(bool) == (reached & (cross | task))).all()
     assert not (kept & truth.loc[d.uid, "kind"].isin(["bad_size", "non_english", "uninformative"]).to_numpy()).any()
+
+
+def test_a_top_fraction_that_nothing_reaches_keeps_nothing_and_an_empty_branch_spares_the_union(demo_pool, tmp_path):
+    """A top-fraction or quantile cut after a step that kept nothing raised a bare ValueError ("no
+    finite scores"), failing the run, and one empty branch failed a whole any_of."""
+    from winnow.pool.view import Pool
+
+    pool = Pool.open(str(demo_pool))
+    nothing = {"step": "caption_length", "min_words": 500}
+    cut = {"step": "clip_score", "score": "clip_b32_similarity_score", "fraction": 0.3, "over": "survivors"}
+    flip = {"step": "flip_score", "score": "clip_b32_similarity_score", "flip_score": "clip_l14_similarity_score",
+            "max_drop_quantile": 0.9}
+    for decide in ("survivors", "all"):
+        for step in (cut, flip):
+            f = run(load_recipe({"name": "empty", "steps": [nothing, step]}), pool, str(tmp_path / f"{decide}-{step['step']}"),
+                    decide=decide)
+            assert f["kept_unique"] == 0
+            assert next(iter(f["steps"][-1]["state"].values())) is None     # no cut: reported as such
+    union = {"step": "any_of", "branches": [{"name": "empty", "steps": [nothing, cut]},
+                                            {"name": "sizes", "steps": [{"step": "image_size"}]}]}
+    alone = run(load_recipe({"name": "sizes", "steps": [{"step": "image_size"}]}), pool, str(tmp_path / "alone"))
+    f = run(load_recipe({"name": "union", "steps": [union]}), pool, str(tmp_path / "union"))
+    assert f["kept_unique"] == alone["kept_unique"] > 0

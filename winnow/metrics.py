@@ -53,7 +53,9 @@ def classification_metrics_from_topk(top: np.ndarray, y: np.ndarray, groups: np.
     top, y = np.asarray(top), np.asarray(y)
     pred = top[:, 0]
     hit1, hit5 = pred == y, (top == y[:, None]).any(1)
-    out = {"acc1": float(hit1.mean()), "acc5": float(hit5.mean()),
+    # DataComp (eval_utils/wds_eval.py) reports no acc5 for a task of fewer than 5 classes: every
+    # sample's true class would be in its "top 5"
+    out = {"acc1": float(hit1.mean()), "acc5": float(hit5.mean()) if top.shape[1] >= 5 else None,
            "mean_per_class_recall": mean_per_class_recall(pred, y), "F1-macro_all": macro_f1(pred, y)}
     if groups is not None:
         out[f"acc_{suffix}"], per = worst_group(hit1, groups, exclude)

@@ -10,6 +10,8 @@ Rows are L2-normalised here, since the steps compare by inner product.
 """
 from __future__ import annotations
 
+import io
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,10 @@ def load(path: str | list[str], normalize: bool = True) -> np.ndarray:
         elif suffix in (".pt", ".pth"):
             import torch
 
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:   # not tensors: DataComp's centroids are a NumPy array in torch.save's zip
+                obj = _numpy_from_torch_file(p)
             if isinstance(obj, dict):
                 key = next((k for k in KEYS if k in obj), None)
                 if key is None:
@@ -58,7 +63,41 @@ def load(path: str | list[str], normalize: bool = True) -> np.ndarray:
         raise
     except Exception as exc:   # a corrupt or hostile file: named, never a traceback from deep inside
         raise ParamsError(f"targets file {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    if np.asarray(arr).dtype.kind not in "fiu":
+        raise ParamsError(f"targets file {path}: expected numbers, got an array of {np.asarray(arr).dtype}")
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != 2 or not len(arr) or not np.isfinite(arr).all():
         raise ParamsError(f"targets file {path}: expected a finite (n, d) array, got shape {arr.shape}")
     return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12) if normalize else arr
+
+
+# What pickling a plain NumPy array names (NumPy 1 and 2): nothing else may be built
+_NUMPY_GLOBALS = {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ArrayOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a NumPy array")
+
+    def persistent_load(self, pid):   # torch tensor storages: a file of tensors goes through torch.load
+        raise pickle.UnpicklingError("a tensor storage, not a NumPy array")
+
+
+def _numpy_from_torch_file(p) -> np.ndarray:
+    """A NumPy array saved with ``torch.save`` (DataComp's ``image_based_clustering.py`` centroids:
+    pickle protocol 4, which torch's weights-only unpickler cannot read): the archive's pickle read
+    by an unpickler that builds an ndarray and nothing else."""
+    import zipfile
+
+    with zipfile.ZipFile(p) as z:
+        name = next((n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+        if name is None:
+            raise pickle.UnpicklingError("no data.pkl in the archive")
+        data = z.read(name)
+    obj = _ArrayOnly(io.BytesIO(data)).load()
+    if not isinstance(obj, np.ndarray):
+        raise pickle.UnpicklingError(f"holds a {type(obj).__name__}, not a NumPy array")
+    return obj

@@ -32,7 +32,9 @@ REGISTRY: dict[str, type["Step"]] = {}
 
 
 class Step(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no NaN or infinity in a step's numbers: a comparison with NaN is always false, so a threshold of
+    # .nan would keep nothing without a word
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: ClassVar[str]              # registry name used in recipes (`step: <kind>`)
     is_global: ClassVar[bool] = False
     sets_copies: ClassVar[bool] = False   # verdict: each sample's number of copies, given the earlier ones

@@ -15,8 +15,14 @@ def top_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
     over the shards with :class:`TopFractionSelect`.)"""
     s = np.sort(scores[np.isfinite(scores)])[::-1]
     if not len(s):
-        raise ValueError("no finite scores to take a top fraction of")
+        return NOTHING
     return float(s[min(int(len(s) * fraction), len(s) - 1)])
+
+
+# The cut of a top fraction that nothing reached (every earlier step dropped all, or no score is
+# finite): NaN, against which every comparison is false, so the step keeps nothing, as the other
+# steps do on an empty input, instead of failing the run (an empty branch of an any_of included).
+NOTHING = float("nan")
 
 
 def order_keys(scores: np.ndarray) -> np.ndarray:
@@ -56,11 +62,14 @@ class TopFractionSelect:
         if pass_no == 0:
             n = int(cum[-1])
             if not n:
-                raise ValueError("no finite scores to take a top fraction of")
+                self.bucket = self.rank = -1
+                return None
             target = n - 1 - min(int(n * self.fraction), n - 1)       # its index in ascending order
             self.bucket = int(np.searchsorted(cum, target, side="right"))
             self.rank = target - (int(cum[self.bucket - 1]) if self.bucket else 0)
             return None
+        if self.bucket == -1:
+            return NOTHING
         low = int(np.searchsorted(cum, self.rank, side="right"))
         return key_to_float((self.bucket << 16) | low)
 
@@ -135,7 +144,7 @@ class ClipScore(Step):
         return {"score": self.scores(batch)}
 
     def report(self, fitted) -> dict:
-        return {"threshold": self.threshold if fitted is None else fitted}
+        return {"threshold": self.threshold if fitted is None else _reported(fitted)}
 
 
 @register
@@ -200,7 +209,7 @@ class FlipScore(Step):
     def report(self, fitted) -> dict:
         if not self.needs_fit():
             return {}
-        return {"max_drop": fitted} if self.mode == "drop" else {"threshold": fitted}
+        return {"max_drop": _reported(fitted)} if self.mode == "drop" else {"threshold": _reported(fitted)}
 
     def explain(self, batch, fitted=None) -> dict:
         return {"score": batch.column(self.score).astype(np.float32),
@@ -214,3 +223,7 @@ class FlipScore(Step):
         else:
             ok = v >= (fitted if self.needs_fit() else self.threshold)
         return np.isfinite(s) & np.isfinite(f) & ok
+
+
+def _reported(cut: float) -> float | None:
+    return None if cut != cut else cut     # NOTHING (NaN) is not a number JSON readers take

@@ -79,18 +79,20 @@ class Drops:
 
 class _Spill:
     """A fit's working files: append-only raw files (partitions, each shard's drop rows as they are
-    found) in ``parts/``, and the per-shard drop files the fitted value points at. With scratch the
-    directory is named by the step's parameters and removed first, so a fit re-run after a kill
-    never reads a killed fit's partial files; without scratch it is a temporary directory, removed
-    on exit. ``parts/`` is removed on exit either way."""
+    found) in ``parts/``, and the per-shard drop files the fitted value points at. Under the step's
+    own fit directory (``pool.fit_dir``: the engine gives one per step label, so two equal steps
+    never share it; else the run's scratch) the directory is named by the step's parameters and
+    removed first, so a fit re-run after a kill never reads a killed fit's partial files; without
+    either it is a temporary directory, removed on exit. ``parts/`` is removed on exit either way."""
 
     def __init__(self, pool, step: Step):
-        if pool.scratch:
-            self.root = Path(pool.scratch) / f"{step.kind}-{digest(step.model_dump(mode='json'), 12)}"
+        base = pool.fit_dir or pool.scratch   # the engine gives each step label its own fit_dir
+        if base:
+            self.root = Path(base) / f"{step.kind}-{digest(step.model_dump(mode='json'), 12)}"
             shutil.rmtree(self.root, ignore_errors=True)
         else:
             self.root = Path(tempfile.mkdtemp(prefix=f"winnow-{step.kind}-"))
-        self.temporary = not pool.scratch
+        self.temporary = not base
         self.parts = self.root / "parts"
         self.parts.mkdir(parents=True)
 
@@ -206,8 +208,10 @@ class DedupExact(_DropsRows):
 
 class _Greedy:
     """The near-duplicate rule over blocks of unit embeddings met in pool order: a row is a near
-    duplicate when its cosine with a row kept before, or with an earlier row of its block, is at
-    least ``threshold``; the other finite rows are kept (float16, searched in blocks)."""
+    duplicate when its cosine with a row kept before it (in an earlier block, or earlier in its
+    own) is at least ``threshold``; the other finite rows are kept (float16, searched in blocks).
+    Only kept rows count, so the kept set is the same for any block size and shard split: in a
+    chain A ~ B ~ C with A and C apart, B goes and C stays."""
 
     def __init__(self, threshold: float, block: int):
         self.threshold, self.block = threshold, block
@@ -219,9 +223,12 @@ class _Greedy:
         if self.kept.size:
             for j in range(0, len(self.kept), self.block):   # against everything kept before
                 dup |= (chunk @ self.kept[j: j + self.block].astype(np.float32).T >= self.threshold).any(1)
-        sims = chunk @ chunk.T                                # within the chunk: any earlier row counts
-        dup |= np.triu(sims >= self.threshold, k=1).T.any(1)
         dup &= ok
+        # close[i, j], i < j: row j against row i as it would be kept (float16), as across blocks
+        close = np.tril(chunk @ chunk.astype(np.float16).astype(np.float32).T >= self.threshold, k=-1).T
+        for i in np.flatnonzero(close.any(1)):                     # within the chunk, in order: a row
+            if ok[i] and not dup[i]:                               # that stays drops the later ones near it
+                dup |= close[i] & ok
         fresh = chunk[~dup & ok].astype(np.float16)
         self.kept = fresh if not self.kept.size else np.concatenate([self.kept, fresh])
         return dup

@@ -470,7 +470,9 @@ def _fit(step: Step, earlier: list[Step], label: str, recipe: str, pool: Pool, w
         def alive(shard):
             copies = _copies(earlier, _prior_verdicts(work, starts, shard), len(pool.batch(shard)))
             return copies if step.sets_copies else copies > 0
-        return step.fit(pool, alive)
+        # its own working directory: two steps of the same kind and parameters must not share one
+        own = replace(pool, fit_dir=str(Path(pool.scratch) / "fit" / jobs.digest(label, 16))) if pool.scratch else pool
+        return step.fit(own, alive)
     state = step.fit_begin(pool)
     for p in range(step.fit_passes):
         state = jobs.run(jobs.Job(f"filter {recipe}: fit {label} ({p + 1}/{step.fit_passes})", pool.shards,

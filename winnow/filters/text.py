@@ -53,6 +53,13 @@ class Language(Step):
     lang: str = "en"
     lid_file: str | None = None
 
+    @field_validator("lang")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z]{2,3}(-[a-z]+)?", v):   # `EN` or `english` would match no caption
+            raise ValueError(f"lang {v!r} is not a fastText lid.176 label: a lowercase ISO 639 code, e.g. 'en'")
+        return v
+
     @field_validator("lid_file")
     @classmethod
     def _model_file(cls, v: str | None) -> str | None:

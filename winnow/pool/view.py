@@ -27,6 +27,7 @@ class Pool:
     manifest: dict
     embed_uri: str | None = None  # the embed stage's per-shard outputs, when available
     scratch: str | None = None    # a run's directory for per-shard values derived once (ShardView.cached)
+    fit_dir: str | None = None    # the working directory of the global step being fitted (one per step label)
     target_files: dict = field(default_factory=dict)   # task -> embeddings file (winnow.targets), image targets
 
     @classmethod
