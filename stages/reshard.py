@@ -1,6 +1,8 @@
 """Stage `reshard`: the subset as webdataset shards (duplicates = copies) + meta.json;
 gate: every selected uid is in the pool, the written share is at least the download floor, and on a
 real pool at most ``pool.max_unreadable_tars`` of the image tars read are truncated or corrupt."""
+from pathlib import Path
+
 import pandas as pd
 
 from winnow.config import Params
@@ -26,7 +28,9 @@ def body(p: Params) -> dict:
     # download the gate asks for the pool's own downloaded share, on the demo for most of them
     floor = p.pool.min_downloaded if pool.is_download else 0.8
     row = {"output_count": meta["output_count"], "output_shard_count": meta["output_shard_count"],
-           "written_fraction": meta["output_count"] / max(1, meta["input_uids"])}
+           "written_fraction": meta["output_count"] / max(1, meta["input_uids"]),
+           # the files themselves, not only the counts: an output that lost its tars must not pass
+           "tars_missing": meta["output_shard_count"] - len(list(Path(OUT).glob("*.tar")))}
     gate.check("subset", pd.DataFrame([{"selected": where["selected"], "not_in_pool": where["not_in_pool"],
                                         "examples": ", ".join(where["not_in_pool_examples"])}]),
                [E.ExpectColumnValuesToBeBetween(column="not_in_pool", max_value=0)], id_column="examples")
@@ -39,6 +43,7 @@ def body(p: Params) -> dict:
     gate.check("meta", pd.DataFrame([row]), [
         E.ExpectColumnValuesToBeBetween(column="written_fraction", min_value=floor, max_value=1.0),
         E.ExpectColumnValuesToBeBetween(column="output_shard_count", min_value=1),
+        E.ExpectColumnValuesToBeBetween(column="tars_missing", min_value=0, max_value=0),
     ], id_column="output_count")
     gate.finish()
     return {k: v for k, v in meta.items() if isinstance(v, int)}

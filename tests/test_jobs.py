@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from winnow import jobs
+from winnow import dvcfile, jobs
 from winnow.executor import Executor
 
 
@@ -105,14 +105,17 @@ def test_unit_names_cannot_leave_the_work_directory(tmp_path):
 
 
 def test_one_resume_scheme_remains():
-    """The old completion markers and hand-built keys are gone from the library and the stages."""
+    """The old completion markers and hand-built keys are gone from the library and the stages.
+    (The check stage's outputs persist for another reason: it rewrites them all on every run, and a
+    check refused beside another run must not delete the files that run's next stages read.)"""
     old = re.compile(r"\.done\.json|_stats\.json\"?\)?\s*#?\s*marker|sha256\(json\.dumps|persist: true|hexdigest\(\)\[:16\]")
+    check_outs = {f"- {o}: {{persist: true}}" for o in dvcfile.outputs("check", ROOT / "dvc.yaml")}
     hits = []
     for path in [*ROOT.glob("winnow/**/*.py"), *ROOT.glob("stages/*.py"), ROOT / "dvc.yaml"]:
         if path.name == "jobs.py":      # the one place keys are built
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if old.search(line):
+            if old.search(line) and line.strip() not in check_outs:
                 hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not hits, "\n".join(hits)
     out = subprocess.run(["git", "grep", "-n", "keyed_work_dir", "--", "winnow", "stages"], cwd=ROOT,

@@ -80,9 +80,41 @@ def test_killed_reshard_resumes_after_its_last_closed_shard(demo_pool, tmp_path)
     assert meta == ref
     for f in sorted((tmp_path / "ref").iterdir()):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
-    for name, mtime in closed.items():         # closed shards were moved into place, never re-written
+    for name, mtime in closed.items():         # closed shards were linked into place, never re-written
         assert (out / name).stat().st_mtime_ns == mtime, name
     assert not build.exists()
+
+
+def test_a_reshard_killed_while_committing_its_output_still_has_every_shard(demo_pool, tmp_path, monkeypatch):
+    """The closed tars were moved out of the work directory into the output's temp folder: a kill
+    before the output's commit lost them, and the resumed run (every shard marked done) committed an
+    output with no tars, which the gate passed and DVC locked."""
+    import contextlib
+
+    import numpy as np
+
+    from winnow import reshard as R
+    from winnow.pool import shards
+    from winnow.pool import uids as U
+    from winnow.pool.view import Pool
+
+    pool = Pool.open(str(demo_pool))
+    subset = U.hex_to_array(np.concatenate([shards.read_meta(str(demo_pool), s, ["uid"])["uid"].to_numpy(zero_copy_only=False)
+                                            for s in pool.shards]))
+    ref = R.reshard(pool, subset, str(tmp_path / "ref"), shard_size=40)
+    real = R.atomic_dir
+
+    @contextlib.contextmanager
+    def killed_before_commit(uri):
+        with real(uri) as tmp:
+            yield tmp
+            raise KeyboardInterrupt        # after the body, before the rename: the temp folder goes
+    monkeypatch.setattr(R, "atomic_dir", killed_before_commit)
+    with pytest.raises(KeyboardInterrupt):
+        R.reshard(pool, subset, str(tmp_path / "out"), shard_size=40, work_root=str(tmp_path / "work"))
+    monkeypatch.setattr(R, "atomic_dir", real)
+    assert R.reshard(pool, subset, str(tmp_path / "out"), shard_size=40, work_root=str(tmp_path / "work")) == ref
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
 
 
 def test_killed_evaluation_resumes_with_its_finished_tasks(tmp_path, monkeypatch):
@@ -170,3 +202,24 @@ def _train_log(project, params) -> str:
     runs = client.search_runs([exp.experiment_id], "tags.`winnow.stage` = 'scorer' and attributes.status = 'FINISHED'")
     assert len(runs) == 1
     return mlflow.artifacts.load_text(f"{runs[0].info.artifact_uri}/train.log")
+
+
+def test_a_killed_plans_spill_is_swept_by_the_next_plan(demo_pool, tmp_path):
+    """reshard.plan spills to the work root; a SIGKILL left hundreds of MB there at pool scale."""
+    import numpy as np
+
+    from winnow.pool import uids as U
+    from winnow.pool.view import Pool
+    from winnow.reshard import plan
+
+    work = tmp_path / "work"
+    script = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from winnow.pool.view import Pool\nfrom winnow.reshard import plan\nfrom winnow.pool import uids as U\n"
+              "import numpy as np\n"
+              f"plan(Pool.open({str(demo_pool)!r}), U.hex_to_array(np.array(['0' * 32])), spill_root={str(work)!r})\n"
+              "os.kill(os.getpid(), 9)\n")                  # killed while holding the placement
+    subprocess.run([sys.executable, "-c", script], env=env_for_subprocess())
+    left = [p.name for p in work.iterdir()]
+    assert len(left) == 1 and "winnow-plan" in left[0]
+    with plan(Pool.open(str(demo_pool)), U.hex_to_array(np.array(["0" * 32])), spill_root=str(work)):
+        assert left[0] not in [p.name for p in work.iterdir()]

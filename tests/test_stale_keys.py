@@ -217,3 +217,34 @@ def test_s3_cache_refetches_an_object_rewritten_with_the_same_size(s3_server, tm
     assert (cache_local(f"s3://{bucket}/set") / "a.txt").read_bytes() == b"version 2"
     assert not [p for p in Path(".winnow/cache").rglob("*") if p.is_file() and p.name == "a.txt" and
                 p.read_bytes() == b"version 1"]
+
+
+def test_s3_scorer_weights_replaced_in_place_are_fetched_again(s3_server, tmp_path, monkeypatch):
+    """The check stage saw the new ETag and DVC re-ran scorer and embed, but both loaded the cached
+    old checkpoint: it was downloaded only when absent."""
+    from winnow import s3
+    from winnow.models import ModelError, resolve_weights
+
+    monkeypatch.chdir(tmp_path)
+    s3.client().put_object(Bucket=BUCKET, Key="w/scorer.pt", Body=b"weights v1")
+    assert Path(resolve_weights(f"s3://{BUCKET}/w/scorer.pt")).read_bytes() == b"weights v1"
+    s3.client().put_object(Bucket=BUCKET, Key="w/scorer.pt", Body=b"weights v2")    # same size, same key
+    assert Path(resolve_weights(f"s3://{BUCKET}/w/scorer.pt")).read_bytes() == b"weights v2"
+    with pytest.raises(ModelError, match="not found"):
+        resolve_weights(f"s3://{BUCKET}/w/absent.pt")
+
+
+def test_an_input_folders_identity_goes_through_symlinked_folders(tmp_path):
+    """A download whose shards/ is a symlink to another disk: rglob skipped it, so re-downloaded
+    shards changed no identity and DVC re-ran nothing. A link cycle is walked once."""
+    (tmp_path / "disk" / "shards").mkdir(parents=True)
+    (tmp_path / "disk" / "shards" / "0.tar").write_bytes(b"v1")
+    pool = tmp_path / "pool"
+    (pool / "metadata").mkdir(parents=True)
+    (pool / "metadata" / "a.parquet").write_bytes(b"m")
+    (pool / "shards").symlink_to(tmp_path / "disk" / "shards")
+    (tmp_path / "disk" / "shards" / "loop").symlink_to(tmp_path / "disk")      # a cycle
+    before = jobs.content_identity(pool)
+    assert "shards/0.tar" in [row[0] for row in before]
+    (tmp_path / "disk" / "shards" / "0.tar").write_bytes(b"v2")
+    assert jobs.content_identity(pool) != before

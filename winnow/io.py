@@ -363,6 +363,16 @@ def atomic_dir(uri: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``dst`` as a hard link to ``src`` (no second copy of the bytes), or a copy where links cannot
+    be made (another file system). Unlike a move, ``src`` stays: a work directory whose finished
+    units are handed to an output that a kill then never commits still holds them on resume."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_json(uri: str | os.PathLike, obj, durable: bool = True) -> None:
     with atomic_file(uri, durable) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")

@@ -55,9 +55,23 @@ def content_identity(uri: str | os.PathLike, ignore: Callable[[str], bool] | Non
     if p.is_file():
         return _identity(p)
     if p.is_dir():
-        return sorted([f.relative_to(p).as_posix(), *_identity(f)] for f in p.rglob("*")
+        return sorted([f.relative_to(p).as_posix(), *_identity(f)] for f in _files(p)
                       if f.is_file() and not wio.is_temp_name(f.name) and not (ignore and ignore(f.name)))
     return None
+
+
+def _files(root: Path) -> Iterator[Path]:
+    """Every file under ``root``, through symlinked folders too (a download whose ``shards/`` links
+    to another disk; ``Path.rglob`` does not enter them), each real folder once (no link cycles)."""
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()      # the same walk on every machine: which path reaches a folder first is fixed
+        yield from (Path(folder) / n for n in names)
 
 
 def code_identity(*modules: str) -> str:

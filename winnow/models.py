@@ -25,11 +25,12 @@ def register_configs() -> list[str]:
 
 
 def resolve_weights(pretrained: str | None) -> str | None:
-    """An ``s3://`` checkpoint is downloaded once into ``.winnow/cache/s3/<bucket>/<key>`` (atomic);
+    """An ``s3://`` checkpoint is downloaded into ``.winnow/cache/s3/<bucket>/<key>`` (atomic), again
+    whenever the object's ETag changes;
     tags and local paths pass through. A bucket or key that would resolve outside the cache
     (``..``, ``prefix//abs/path``) is refused (ModelError) before anything is read or written."""
     from winnow import s3
-    from winnow.io import CACHE, UnsafePath, safe_join
+    from winnow.io import CACHE, UnsafePath, atomic_file, safe_join
 
     if pretrained and s3.is_s3(pretrained):
         bucket, key = s3.split(pretrained)
@@ -37,11 +38,19 @@ def resolve_weights(pretrained: str | None) -> str | None:
             dest = safe_join(CACHE / "s3", bucket, key, what="S3 location")
         except UnsafePath as exc:
             raise ModelError(f"scorer weights {pretrained}: {exc}") from None
-        if not dest.is_file():
-            try:
+        # fetched again when the object changed (its ETag): weights replaced in place are not the cached ones
+        seen = dest.with_name(f".{dest.name}.etag")
+        try:
+            parent, name = pretrained.rsplit("/", 1)
+            etag = (s3.list_objects(parent, recursive=False).get(name) or (None, None))[1]
+            if etag is None:
+                raise ModelError(f"scorer weights {pretrained} not found")
+            if not (dest.is_file() and seen.is_file() and seen.read_text() == etag):
                 s3.download(pretrained, dest)
-            except s3.S3Error as exc:
-                raise ModelError(f"scorer weights {pretrained} cannot be fetched: {exc}") from None
+                with atomic_file(seen) as tmp:
+                    tmp.write_text(etag)
+        except s3.S3Error as exc:
+            raise ModelError(f"scorer weights {pretrained} cannot be fetched: {exc}") from None
         return str(dest)
     return pretrained
 

@@ -12,8 +12,9 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
+from winnow import io as wio
 from winnow import jobs
-from winnow.io import atomic_dir, write_json
+from winnow.io import atomic_dir, link_or_copy, write_json
 from winnow.pool import shards
 from winnow.pool import uids as U
 from winnow.pool.view import Pool
@@ -36,10 +37,12 @@ def reshard(pool: Pool, subset, out: str, shard_size: int = 10000, work_root: st
         work = jobs.WorkDir("reshard", work_key(pool, subset, shard_size), work_root or tmp_root)
         with atomic_dir(out) as tmp:
             meta = _write(pool, subset, work, shard_size, where)
+            # linked, not moved: a kill before the commit must find every closed shard still in the
+            # work directory, where its marker says it is
             for f in sorted(work.path.glob("*.tar")):
-                os.replace(f, tmp / f.name)
+                link_or_copy(f, tmp / f.name)
             for name in ("sample_ids.npy", "meta.json"):
-                os.replace(work / name, tmp / name)
+                link_or_copy(work / name, tmp / name)
         work.release()
     finally:
         if own:
@@ -103,7 +106,11 @@ def plan(pool: Pool, subset, examples: int = 5, spill_root: str | None = None) -
     subset = subset if isinstance(subset, U.SortedUids) else U.SortedUids(subset)
     if spill_root:
         os.makedirs(spill_root, exist_ok=True)
-    spill = tempfile.mkdtemp(prefix="winnow-plan-", dir=spill_root)
+        wio.sweep_stale(spill_root)    # what a killed plan left (its owner, in its name, is dead)
+        spill = os.path.join(spill_root, wio.temp_name("winnow-plan"))
+        os.mkdir(spill)
+    else:
+        spill = tempfile.mkdtemp(prefix="winnow-plan-")
     try:
         return _plan(pool, subset, examples, spill)
     except BaseException:
