@@ -230,7 +230,7 @@ def test_s3_scorer_weights_replaced_in_place_are_fetched_again(s3_server, tmp_pa
     assert Path(resolve_weights(f"s3://{BUCKET}/w/scorer.pt")).read_bytes() == b"weights v1"
     s3.client().put_object(Bucket=BUCKET, Key="w/scorer.pt", Body=b"weights v2")    # same size, same key
     assert Path(resolve_weights(f"s3://{BUCKET}/w/scorer.pt")).read_bytes() == b"weights v2"
-    with pytest.raises(ModelError, match="not found"):
+    with pytest.raises(ModelError, match="cannot be fetched: no such object"):
         resolve_weights(f"s3://{BUCKET}/w/absent.pt")
 
 

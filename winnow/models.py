@@ -44,7 +44,7 @@ def resolve_weights(pretrained: str | None) -> str | None:
             parent, name = pretrained.rsplit("/", 1)
             etag = (s3.list_objects(parent, recursive=False).get(name) or (None, None))[1]
             if etag is None:
-                raise ModelError(f"scorer weights {pretrained} not found")
+                raise ModelError(f"scorer weights {pretrained} cannot be fetched: no such object")
             if not (dest.is_file() and seen.is_file() and seen.read_text() == etag):
                 s3.download(pretrained, dest)
                 with atomic_file(seen) as tmp:
