@@ -15,37 +15,25 @@ import time
 from pathlib import Path
 
 
-
 def _check() -> int:
-    """The preflight (winnow.preflight): every check that can run before DVC removes an output."""
+    """The preflight (winnow.preflight): every check that can run before DVC removes an output; a
+    problem is a ParamsError, which main() prints and exits 2 on."""
     from winnow import preflight
-    from winnow.errors import WinnowError
 
-    from winnow.track import scrub
-
-    try:
-        preflight.run("params.yaml")
-    except WinnowError as exc:
-        print(scrub(str(exc)), file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
+    preflight.run("params.yaml")
     print("params.yaml OK")
     return 0
 
 
 def _run(extra: list[str]) -> int:
     """``dvc repro`` under one MLflow parent run, holding the workspace (no Prefect run or sweep
-    shares it); exits with the failed stage's own status (2: a config error)."""
+    shares it); exits with the failed stage's own status (2: a config error). A bad param and a
+    busy workspace are named errors, which main() prints."""
     from winnow import preflight, track, workspace
     from winnow.dvcfile import stage_exit_code
-
-    from winnow.errors import WinnowError
     from winnow.io import terminate_unwinds
 
-    try:   # a typo fails before any work
-        params = preflight.run("params.yaml")
-    except WinnowError as exc:
-        print(track.scrub(str(exc)), file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
+    params = preflight.run("params.yaml")   # a typo fails before any work
     t0 = time.time()
     try:
         with terminate_unwinds(), workspace.workspace_lock(), track.pipeline_run(params) as run:
@@ -54,9 +42,6 @@ def _run(extra: list[str]) -> int:
             rc, tail = _tee_stderr(["dvc", "repro", *extra], env)
             if rc != 0:
                 raise _Failed(stage_exit_code(tail.splitlines(), rc))
-    except workspace.WorkspaceBusy as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
     except _Failed as failed:
         code = failed.code if failed.code >= 0 else 128 - failed.code   # killed by signal N: the shell's 128+N
         print(f"\npipeline FAILED (exit {code}); MLflow parent run {run.info.run_id}", file=sys.stderr)

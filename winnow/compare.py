@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from winnow import track
 from winnow.io import atomic_file
 
 
@@ -45,7 +46,7 @@ def runs_table(tracking_uri: str, experiment: str, limit: int = 50, current: str
             "kept_fraction": m.get("kept_fraction"), "imagenet": m.get("group.ImageNet"),
             "groups": {k.removeprefix("group."): v for k, v in m.items() if k.startswith("group.")},
             "average": score, "partial": "average" not in m,   # partial: some ranked tasks missing
-            "comparable": t.get("winnow.comparable"),
+            "comparable": t.get(track.COMPARABLE_TAG),
         })
         if len(rows) >= limit:
             break

@@ -9,7 +9,6 @@ import re
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
-
 from winnow.errors import WinnowError
 
 

@@ -263,9 +263,7 @@ def external_inputs(p: Params, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, d
         return {u: content_identity(u, ignore) for u in sorted({str(u) for u in uris if u}) if outside(u)}
 
     pool = [] if p.pool.source == "demo" else [p.pool.uri, p.pool.metadata_uri, p.pool.shards_uri]
-    recipe = params_recipe(p.filter)
-    files = [f for s in recipe.steps for f in s.files()]
-    files += [f for fs in recipe.targets.values() for f in ([fs] if isinstance(fs, str) else fs)]
+    files = params_recipe(p.filter).input_files()
     weights = p.scorer.pretrained
     local_or_s3 = weights and (is_remote(weights) or Path(weights).exists())
     return {"pool": identities(pool), "filter": identities(files),

@@ -38,7 +38,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from winnow.dvcfile import documents, outputs
 from winnow.io import file_sha256
 from winnow.s3 import S3Error

@@ -69,8 +69,7 @@ def point_key(recipe: str | dict, scale: str, world_: dict | None = None, params
     p = load_yaml(params) if Path(params).exists() else {}
     f = {k: v for k, v in (p.get("filter") or {}).items() if k != "recipe"}   # the sweep sets the recipe
     built = load_recipe(recipe, f.get("overrides"), f.get("targets"))
-    files = sorted({*(x for s in built.steps for x in s.files()),
-                    *(x for fs in built.targets.values() for x in ([fs] if isinstance(fs, str) else fs))})
+    files = built.input_files()
     return digest({"steps": raw.get("steps"), "bounds": raw.get("bounds"), "filter": f, "scale": scale,
                    "preset": load_scale(scale), "files": {x: content_identity(x) for x in files},
                    "train": {k: v for k, v in (p.get("train") or {}).items() if k not in ("seed", "scale")},

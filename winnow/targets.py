@@ -63,9 +63,10 @@ def load(path: str | list[str], normalize: bool = True) -> np.ndarray:
         raise
     except Exception as exc:   # a corrupt or hostile file: named, never a traceback from deep inside
         raise ParamsError(f"targets file {path} cannot be read: {type(exc).__name__}: {exc}") from None
-    if np.asarray(arr).dtype.kind not in "fiu":
-        raise ParamsError(f"targets file {path}: expected numbers, got an array of {np.asarray(arr).dtype}")
-    arr = np.asarray(arr, dtype=np.float32)
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiu":
+        raise ParamsError(f"targets file {path}: expected numbers, got an array of {arr.dtype}")
+    arr = arr.astype(np.float32)
     if arr.ndim != 2 or not len(arr) or not np.isfinite(arr).all():
         raise ParamsError(f"targets file {path}: expected a finite (n, d) array, got shape {arr.shape}")
     return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12) if normalize else arr

@@ -59,6 +59,18 @@ class Recipe(BaseModel):
     def labels(self) -> list[str]:
         return _labels([s.label() for s in self.steps])
 
+    def step_files(self) -> list[str]:
+        """The files the steps read (word lists, language-id models, centroids), in step order."""
+        return [f for s in self.steps for f in s.files()]
+
+    def target_files(self) -> list[str]:
+        """The embeddings files of ``targets``, sorted."""
+        return sorted(str(f) for fs in self.targets.values() for f in ([fs] if isinstance(fs, str) else fs))
+
+    def input_files(self) -> list[str]:
+        """Every file the recipe reads besides the pool, sorted: what its results depend on."""
+        return sorted({*self.step_files(), *self.target_files()})
+
 
 def _labels(names: list[str]) -> list[str]:
     """Step labels: the name (or kind), with #2, #3 … for repeats."""
@@ -392,8 +404,7 @@ def work_key(recipe: Recipe, pool: Pool, decide: str, decisions: bool = True) ->
                                     decisions=decisions,
                                     manifest=pool.manifest)
     return key.files(pool=pool.uri, images=pool.images_uri if pool.is_download else None, embed=pool.embed_uri,
-                     targets=sorted(str(f) for fs in recipe.targets.values() for f in ([fs] if isinstance(fs, str) else fs)),
-                     step_files=[f for s in recipe.steps for f in s.files()]).code(__name__, *sorted({type(s).__module__ for s in recipe.steps}))
+                     targets=recipe.target_files(), step_files=recipe.step_files()).code(__name__, *sorted({type(s).__module__ for s in recipe.steps}))
 
 
 def _groups(steps: list[Step]) -> list[tuple[int, int]]:
@@ -471,8 +482,7 @@ def _fit(step: Step, earlier: list[Step], label: str, recipe: str, pool: Pool, w
             copies = _copies(earlier, _prior_verdicts(work, starts, shard), len(pool.batch(shard)))
             return copies if step.sets_copies else copies > 0
         # its own working directory: two steps of the same kind and parameters must not share one
-        own = replace(pool, fit_dir=str(Path(pool.scratch) / "fit" / jobs.digest(label, 16))) if pool.scratch else pool
-        return step.fit(own, alive)
+        return step.fit(pool.fitting(label), alive)   # its own directory: equal steps must not share one
     state = step.fit_begin(pool)
     for p in range(step.fit_passes):
         state = jobs.run(jobs.Job(f"filter {recipe}: fit {label} ({p + 1}/{step.fit_passes})", pool.shards,

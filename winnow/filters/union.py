@@ -24,14 +24,11 @@ recomputed per shard, never held for the pool), and its fitted value is theirs b
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_serializer, field_validator, model_validator
 
-from winnow import jobs
 from winnow.filters.base import Step, build_step, register
 
 
@@ -143,8 +140,7 @@ class AnyOf(Step):
                 return batch, m
 
             if not s.fit_passes:
-                own = replace(pool, fit_dir=str(Path(pool.fit_dir) / jobs.digest(lab, 16))) if pool.fit_dir else pool
-                fitted[lab] = s.fit(own, lambda shard, reach=reach: reach(shard)[1])
+                fitted[lab] = s.fit(pool.fitting(lab), lambda shard, reach=reach: reach(shard)[1])
                 continue
             state = s.fit_begin(pool)
             for p in range(s.fit_passes):

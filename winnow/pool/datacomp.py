@@ -71,11 +71,18 @@ def metadata_files(metadata_uri: str) -> list[str]:
 
 def image_shards(shards_uri: str) -> list[str]:
     """img2dataset shard stems that have a record parquet, sorted numerically."""
+    return _shard_stems(_shard_names(shards_uri), ".parquet")
+
+
+def _shard_names(shards_uri: str) -> list[str]:
     try:
-        names = wio.list_names(shards_uri)
+        return wio.list_names(shards_uri)
     except FileNotFoundError:
         raise ShardError(f"image shards directory not found: {shards_uri}") from None
-    stems = [n[: -len(".parquet")] for n in names if n.endswith(".parquet")]
+
+
+def _shard_stems(names: list[str], suffix: str) -> list[str]:
+    stems = [n[: -len(suffix)] for n in names if n.endswith(suffix)]
     return sorted((s for s in stems if IMAGE_SHARD.match(s)), key=int)
 
 
@@ -128,7 +135,8 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     attempted = np.zeros(len(uids), bool)
     downloaded = np.zeros(len(uids), bool)       # a metadata uid with a successful record (counted once)
     by_file: dict[str, list[str]] = {s: [] for s in stems}
-    shard_list = image_shards(shards_uri)
+    names = _shard_names(shards_uri)       # listed once: the records, and the tars without one
+    shard_list = _shard_stems(names, ".parquet")
     for shard in shard_list:
         rec = read_records(shards_uri, shard)
         raw = rec["uid"].to_numpy(zero_copy_only=False)
@@ -153,7 +161,7 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     counts["downloaded"] = int(downloaded.sum())
     counts["not_attempted"] = int((~attempted).sum())
     # img2dataset writes a shard's record last: a tar without one is a shard it never finished
-    orphans = sorted({n[: -len(".tar")] for n in wio.list_names(shards_uri) if n.endswith(".tar")} - set(shard_list))
+    orphans = sorted(set(_shard_stems(names, ".tar")) - set(shard_list), key=int)
     counts["tars_without_record"], counts["tars_without_record_examples"] = len(orphans), orphans[:5]
     return {"by_file": by_file, "image_shards": shard_list, "counts": counts}
 

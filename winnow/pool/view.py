@@ -8,7 +8,7 @@ which of its samples have an image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,14 @@ class Pool:
     scratch: str | None = None    # a run's directory for per-shard values derived once (ShardView.cached)
     fit_dir: str | None = None    # the working directory of the global step being fitted (one per step label)
     target_files: dict = field(default_factory=dict)   # task -> embeddings file (winnow.targets), image targets
+
+    def fitting(self, label: str) -> "Pool":
+        """This pool for fitting the global step ``label``: its own working directory under the
+        run's scratch (a nested step's under its parent's), so two equal steps never share one."""
+        from winnow.jobs import digest
+
+        base = self.fit_dir or (str(Path(self.scratch) / "fit") if self.scratch else None)
+        return replace(self, fit_dir=str(Path(base) / digest(label, 16))) if base else self
 
     @classmethod
     def open(cls, pool_dir: str, embed_uri: str | None = None) -> "Pool":
