@@ -68,8 +68,9 @@ def _retry_unless_config_error(task, task_run, state) -> bool:
 
 @task(retries=1, retry_delay_seconds=2, task_run_name="{stage}", retry_condition_fn=_retry_unless_config_error)
 def run_stage(stage: str) -> str:
-    """Run one stage through DVC (skipped by DVC when its inputs are unchanged), streaming its
-    output to the Prefect log: progress bars every quarter, training lines at each epoch's end."""
+    """Run one stage through DVC, streaming its output to the Prefect log: progress bars every
+    quarter, training lines at each epoch's end. Returns ``ran``, ``skipped`` (DVC found its inputs
+    unchanged) or ``cached`` (DVC restored its outputs from the run-cache without running it)."""
     log = get_run_logger()
     proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
@@ -84,7 +85,7 @@ def run_stage(stage: str) -> str:
 def _follow(stage: str, proc: subprocess.Popen, log) -> str:
     shown: dict[str, int] = {}
     tail: list[str] = []
-    skipped = False
+    skipped = cached = False
     for line in proc.stdout:   # text mode turns tqdm's carriage returns into line ends
         line = scrub(line.rstrip())   # Prefect stores these lines: never a credential in them
         if not line:
@@ -93,6 +94,7 @@ def _follow(stage: str, proc: subprocess.Popen, log) -> str:
             continue
         tail = (tail + [line])[-40:]
         skipped |= "didn't change, skipping" in line
+        cached |= "is cached - skipping run" in line    # DVC restored the outputs from its run-cache
         bar = _BAR.match(line)
         if bar:
             pct, desc = int(bar["pct"]), bar["desc"]
@@ -103,7 +105,7 @@ def _follow(stage: str, proc: subprocess.Popen, log) -> str:
             log.info(line)
     if proc.wait() != 0:
         raise StageFailed(stage, stage_exit_code(tail, proc.returncode), tail)
-    return "skipped" if skipped else "ran"
+    return "skipped" if skipped else "cached" if cached else "ran"
 
 
 def _publish_artifacts() -> None:

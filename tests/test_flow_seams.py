@@ -169,3 +169,28 @@ def test_prefect_yaml_concurrency_is_valid_for_prefect():
 
     deployment = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]
     assert ConcurrencyLimitConfig(**deployment["concurrency_limit"]).limit == 1
+
+
+def test_a_stage_dvc_restores_from_its_run_cache_reports_cached(tmp_path):
+    """The flow's result for each stage says what DVC did: ran it, skipped it (inputs unchanged), or
+    restored its outputs from the run-cache without running it."""
+    import logging
+
+    from flows.pipeline import _follow
+
+    project = stub_project(tmp_path / "p", 0)
+    (project / "in.txt").write_text("in")       # DVC keeps no run-cache entry for a stage without deps
+    (project / "dvc.yaml").write_text("stages:\n  ok:\n    cmd: python -c \"open('ok.txt', 'w').write('ok')\"\n"
+                                      "    deps: [in.txt]\n    outs: [ok.txt]\n")
+
+    def repro() -> str:
+        proc = subprocess.Popen(["dvc", "repro", "--single-item", "ok"], cwd=project, env=env_for_subprocess(),
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+        return _follow("ok", proc, logging.getLogger("test"))
+
+    assert repro() == "ran"
+    assert repro() == "skipped"
+    (project / "ok.txt").unlink()
+    (project / "dvc.lock").unlink()        # no lock: DVC looks the stage up in its run-cache
+    assert repro() == "cached"
+    assert (project / "ok.txt").read_text() == "ok"
