@@ -282,15 +282,21 @@ def test_inline_recipe_in_params_is_validated_and_runs(demo_pool, tmp_path):
         load_recipe({"steps": [{"step": "image_sise"}]})
 
 
-def test_a_language_label_fasttext_never_gives_and_a_nan_cut_are_refused():
-    """`lang: EN` or `english` (fastText labels are lowercase codes) and a NaN threshold loaded and
-    then kept nothing, found only after language id had run over the whole pool."""
+def test_a_language_label_fasttext_never_gives_and_a_nan_cut_are_refused(tmp_path):
+    """`lang: EN`, `english` or `eng` (not one of the language-id model's labels), a lid_file that is
+    not a fastText model and a NaN threshold loaded and then kept nothing or failed, found only after
+    language id had run over the whole pool."""
     from winnow.config import ParamsError
     from winnow.filters.engine import load_recipe
 
+    (tmp_path / "lid.bin").write_bytes(b"not a fastText model" * 100)
+    with pytest.raises(ParamsError, match=r"lang 'eng' is not a label of the language-id model \(176 .*did you mean 'en'"):
+        load_recipe({"name": "bad", "steps": [{"step": "language", "lang": "eng"}]})
     for step in ({"step": "language", "lang": "EN"}, {"step": "language", "lang": "english"},
+                 {"step": "language", "lang": "xx"}, {"step": "language", "lid_file": str(tmp_path / "lid.bin")},
                  {"step": "clip_score", "score": "clip_b32_similarity_score", "threshold": float("nan")},
                  {"step": "image_size", "max_aspect": float("nan")}):
         with pytest.raises(ParamsError):
             load_recipe({"name": "bad", "steps": [step]})
-    assert load_recipe({"name": "ok", "steps": [{"step": "language", "lang": "zh"}]}).steps[0].lang == "zh"
+    for code in ("zh", "als", "ceb"):        # lid.176's own labels, of 2 and 3 letters
+        assert load_recipe({"name": "ok", "steps": [{"step": "language", "lang": code}]}).steps[0].lang == code

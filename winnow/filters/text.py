@@ -1,6 +1,7 @@
 """Caption steps: language identification, DataComp's caption length rule and its text-based entity match."""
 from __future__ import annotations
 
+import difflib
 import functools
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from winnow.config import ParamsError, project_file
 from winnow.filters.base import Step, register
@@ -29,6 +30,15 @@ def _lid_model(path: str | None = None):
     import fasttext
 
     return fasttext.load_model(str(path or shipped_lid_model()))
+
+
+@functools.cache
+def _lid_labels(path: str | None = None) -> frozenset[str]:
+    """The language codes a fastText language-id model can answer (its labels, without ``__label__``):
+    every label of one prediction with k = -1 and no probability floor (fasttext-predict has no
+    get_labels)."""
+    (labels,) = _lid_model(path).f.multilinePredict(["\n"], -1, -1.0, "replace")
+    return frozenset(label[9:] for label in labels)
 
 
 def detect_languages(texts, model: str | None = None) -> np.ndarray:
@@ -53,13 +63,6 @@ class Language(Step):
     lang: str = "en"
     lid_file: str | None = None
 
-    @field_validator("lang")
-    @classmethod
-    def _label(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z]{2,3}(-[a-z]+)?", v):   # `EN` or `english` would match no caption
-            raise ValueError(f"lang {v!r} is not a fastText lid.176 label: a lowercase ISO 639 code, e.g. 'en'")
-        return v
-
     @field_validator("lid_file")
     @classmethod
     def _model_file(cls, v: str | None) -> str | None:
@@ -68,6 +71,21 @@ class Language(Step):
                               "(e.g. lid.176.bin from https://fasttext.cc/docs/en/language-identification.html), "
                               "or leave `lid_file` unset for the shipped lid.176.ftz")
         return v
+
+    @model_validator(mode="after")
+    def _a_label_of_the_model(self):
+        """``lang`` must be one of the model's own labels: `EN`, `english` or `eng` would match no
+        caption, found only after language id had run over the whole pool."""
+        try:
+            labels = _lid_labels(str(project_file(self.lid_file).resolve()) if self.lid_file else None)
+        except ValueError as e:      # fastText's own message for a file that is not a model
+            raise ParamsError(f"language lid_file {self.lid_file} is not a fastText model: {e}") from None
+        if self.lang not in labels:
+            near = difflib.get_close_matches(self.lang.lower(), sorted(labels), n=3)
+            raise ValueError(f"lang {self.lang!r} is not a label of the language-id model "
+                             f"({len(labels)} lowercase ISO 639 codes, e.g. 'en'"
+                             + (f"; did you mean {', '.join(map(repr, near))}" if near else "") + ")")
+        return self
 
     def requires(self):
         return ["text"], []
