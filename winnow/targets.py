@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,9 @@ def load(path: str | list[str], normalize: bool = True) -> np.ndarray:
             import torch
 
             try:
-                obj = torch.load(p, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():   # torch's note on protocol 4 (DataComp's files): read below
+                    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                    obj = torch.load(p, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError:   # not tensors: DataComp's centroids are a NumPy array in torch.save's zip
                 obj = _numpy_from_torch_file(p)
             if isinstance(obj, dict):
@@ -72,9 +75,11 @@ def load(path: str | list[str], normalize: bool = True) -> np.ndarray:
     return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12) if normalize else arr
 
 
-# What pickling a plain NumPy array names (NumPy 1 and 2): nothing else may be built
+# What pickling a plain NumPy array names (NumPy 1 and 2): nothing else may be built. Under pickle
+# protocol 2 (torch.save's default) the array's bytes come back through _codecs.encode(str, "latin1"),
+# which only turns text into bytes.
 _NUMPY_GLOBALS = {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
-                  ("numpy", "ndarray"), ("numpy", "dtype")}
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
 
 class _ArrayOnly(pickle.Unpickler):
@@ -89,8 +94,8 @@ class _ArrayOnly(pickle.Unpickler):
 
 def _numpy_from_torch_file(p) -> np.ndarray:
     """A NumPy array saved with ``torch.save`` (DataComp's ``image_based_clustering.py`` centroids:
-    pickle protocol 4, which torch's weights-only unpickler cannot read): the archive's pickle read
-    by an unpickler that builds an ndarray and nothing else."""
+    pickle protocol 4; or torch's default protocol 2), which torch's weights-only unpickler cannot
+    read: the archive's pickle read by an unpickler that builds an ndarray and nothing else."""
     import zipfile
 
     with zipfile.ZipFile(p) as z:
