@@ -283,3 +283,33 @@ def test_an_unfinished_shard_an_empty_metadata_folder_and_a_bad_uid_are_named(da
     pq.write_table(t.set_column(0, "uid", pa.array(["abc"] + t["uid"].to_pylist()[1:])), meta)
     with pytest.raises(ShardError, match=f"metadata file {dc['metadata_files'][1]}: .*32 hex"):
         _open({"root": root}, tmp_path / "c")
+
+
+def test_a_shard_a_killed_download_left_is_quarantined_and_counted(datacomp_pool, tmp_path):
+    """img2dataset opens a shard's record parquet first and writes its footer, then _stats.json,
+    only when the shard is done. A killed download leaves a footerless record and no stats: that
+    shard is left out and counted, and the rest of the pool reads. An unreadable record whose shard
+    did finish (its stats are there) is damage, and is named."""
+    import pyarrow.parquet as pq
+
+    from winnow.pool.shards import ShardError
+    from winnow.reshard import reshard
+
+    dc = datacomp_pool
+    root = _copy_download(dc, tmp_path / "dl")
+    shards = root / "shards"
+    record = shards / "00000000.parquet"
+    lost = set(pq.read_table(record)["uid"].to_pylist())
+    record.write_bytes(record.read_bytes()[:-200])          # no footer yet
+    (shards / "00000000_stats.json").rename(tmp_path / "stats.json")
+    pool = _open({"root": root}, tmp_path / "a")
+    c = pool.manifest["download"]
+    assert c["unfinished_shards"] == 1 and c["unfinished_shards_examples"] == ["00000000"]
+    assert c["tars_without_record"] == 0 and "00000000" not in pool.manifest["image_shards"]
+    kept = set(dc["downloaded"]) - lost
+    assert c["downloaded"] == len(kept) > 0 and c["not_attempted"] >= len(lost)
+    meta = reshard(pool, _uids(dc["table"].uid), str(tmp_path / "subset"), shard_size=40)
+    assert meta["unique_uids_found"] == len(kept)
+    (tmp_path / "stats.json").rename(shards / "00000000_stats.json")
+    with pytest.raises(ShardError, match=r"image shard 00000000: cannot read .*00000000\.parquet"):
+        _open({"root": root}, tmp_path / "b")

@@ -111,7 +111,8 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     of a uid downloaded again, e.g. by two runs whose shards were merged).
     """
     counts = {"metadata_rows": 0, "attempted": 0, "downloaded": 0, "failed": 0, "unknown_uids": 0,
-              "not_attempted": 0, "duplicate_downloads": 0, "tars_without_record": 0, "status": {}}
+              "not_attempted": 0, "duplicate_downloads": 0, "tars_without_record": 0, "unfinished_shards": 0,
+              "status": {}}
     if shards_uri is None:
         return {"by_file": {s: [] for s in stems}, "image_shards": [], "counts": counts}
     # the metadata's uids, sorted, each with its file: one searchsorted per record file finds owners
@@ -136,9 +137,20 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     downloaded = np.zeros(len(uids), bool)       # a metadata uid with a successful record (counted once)
     by_file: dict[str, list[str]] = {s: [] for s in stems}
     names = _shard_names(shards_uri)       # listed once: the records, and the tars without one
-    shard_list = _shard_stems(names, ".parquet")
-    for shard in shard_list:
-        rec = read_records(shards_uri, shard)
+    finished = set(_shard_stems(names, "_stats.json"))
+    shard_list, unfinished = [], []
+    for shard in _shard_stems(names, ".parquet"):
+        try:
+            rec = read_records(shards_uri, shard)
+        except ShardError:
+            # img2dataset opens a shard's record parquet first and writes its footer, then
+            # <shard>_stats.json, only when the shard is done: an unreadable record without stats
+            # is a shard a killed download left, quarantined and counted; with stats, it is damage
+            if shard in finished:
+                raise
+            unfinished.append(shard)
+            continue
+        shard_list.append(shard)
         raw = rec["uid"].to_numpy(zero_copy_only=False)
         valid = np.array([isinstance(u, str) and U.is_valid_hex(u) for u in raw], bool)
         q = U.hex_to_array(raw[valid], sort=False)
@@ -161,8 +173,9 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     counts["downloaded"] = int(downloaded.sum())
     counts["not_attempted"] = int((~attempted).sum())
     # img2dataset writes a shard's record last: a tar without one is a shard it never finished
-    orphans = sorted(set(_shard_stems(names, ".tar")) - set(shard_list), key=int)
+    orphans = sorted(set(_shard_stems(names, ".tar")) - set(shard_list) - set(unfinished), key=int)
     counts["tars_without_record"], counts["tars_without_record_examples"] = len(orphans), orphans[:5]
+    counts["unfinished_shards"], counts["unfinished_shards_examples"] = len(unfinished), unfinished[:5]
     return {"by_file": by_file, "image_shards": shard_list, "counts": counts}
 
 
