@@ -313,3 +313,33 @@ def test_a_shard_a_killed_download_left_is_quarantined_and_counted(datacomp_pool
     (tmp_path / "stats.json").rename(shards / "00000000_stats.json")
     with pytest.raises(ShardError, match=r"image shard 00000000: cannot read .*00000000\.parquet"):
         _open({"root": root}, tmp_path / "b")
+
+
+def test_a_caption_that_is_not_utf8_is_written_and_counted(datacomp_pool, tmp_path):
+    """img2dataset writes UTF-8, but a shard from elsewhere may not: such a caption is written with
+    U+FFFD for its bad bytes (the sample stays usable) and counted in meta.json, not changed silently."""
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    from winnow.reshard import reshard
+
+    dc = datacomp_pool
+    root = _copy_download(dc, tmp_path / "dl")
+    tar = root / "shards" / "00000000.tar"
+    with tarfile.open(tar) as src:
+        members = [(m, src.extractfile(m).read() if m.isfile() else None) for m in src.getmembers()]
+    bad = next(m.name for m, _ in members if m.name.endswith(".txt"))
+    with tarfile.open(tar, "w") as out:
+        for m, data in members:
+            if m.name == bad:
+                data = b"caf\xe9 au lait"          # Latin-1, not UTF-8
+                m.size = len(data)
+            out.addfile(m, io.BytesIO(data) if data is not None else None)
+    pool = _open({"root": root}, tmp_path)
+    meta = reshard(pool, _uids(dc["table"].uid), str(tmp_path / "subset"), shard_size=400)
+    assert meta["captions_not_utf8"] == 1 and meta["unique_uids_found"] == len(dc["downloaded"])
+    captions = [s["txt"].decode() for t in sorted((tmp_path / "subset").glob("*.tar"))
+                for s in wds.WebDataset(str(t), shardshuffle=False)]
+    assert "caf\ufffd au lait" in captions

@@ -206,7 +206,7 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
     import webdataset as wds
 
     build = work.path
-    found = written = seen_entries = duplicates = incomplete = 0
+    found = written = seen_entries = duplicates = incomplete = not_utf8 = 0
     owners: dict[str, list[str]] = {}            # image tar -> the pool shards whose samples it holds
     for s in where["per_shard"]:
         for t in pool.image_shards(s):
@@ -255,6 +255,7 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
                     continue
                 seen[i] = True
                 found += 1
+                not_utf8 += x["txt_not_utf8"]      # written with U+FFFD for the bad bytes, counted
                 uid = x["json"]["uid"]
                 for j in range(n):
                     written += 1
@@ -280,7 +281,7 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
             "output_shard_format": "{:08d}.tar", "input_uids": len(subset),
             "unique_uids_found": found, "uids_not_found": len(subset) - seen_entries,
             "unreadable_tars": unreadable, "duplicate_downloads": duplicates, "incomplete_samples": incomplete,
-            "shard_sizes": counts}
+            "captions_not_utf8": not_utf8, "shard_sizes": counts}
     write_json(build / "meta.json", meta)
     return meta
 

@@ -124,18 +124,26 @@ def _json(data: bytes | None) -> dict:
 
 def _sample(members: dict) -> dict:
     ext = next((e for e in ("jpg", "jpeg", "png", "webp") if members.get(e)), "jpg")
+    txt, bad_utf8 = members.get("txt"), False
+    if txt is not None:
+        try:
+            txt = txt.decode("utf-8")
+        except UnicodeDecodeError:      # kept, with U+FFFD for the bad bytes, and flagged for counting
+            txt, bad_utf8 = txt.decode("utf-8", errors="replace"), True
     return {
         "__key__": members["__key__"],
         "jpg": members.get(ext),        # the image, whatever its format ...
         "ext": ext,                     # ... and the suffix it came with (img2dataset --encode_format)
-        "txt": members["txt"].decode("utf-8", errors="replace") if "txt" in members else None,
+        "txt": txt,
+        "txt_not_utf8": bad_utf8,
         "json": _json(members.get("json")),
     }
 
 
 def iter_tar(uri: str, shard: str) -> Iterator[dict]:
-    """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "ext": str, "txt": str, "json": dict}``
-    (``jpg``: the image in whatever format, ``ext`` its member suffix).
+    """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "ext": str, "txt": str,
+    "txt_not_utf8": bool, "json": dict}`` (``jpg``: the image in whatever format, ``ext`` its member
+    suffix; ``txt_not_utf8``: the caption's bytes were not UTF-8, and read with U+FFFD for them).
 
     Members are grouped by key (name up to the first dot) and read in memory, never extracted, so
     a member named ``../x`` or ``/x`` cannot write anywhere. Only allowlisted member types are read
