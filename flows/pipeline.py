@@ -70,7 +70,7 @@ def _retry_unless_config_error(task, task_run, state) -> bool:
 def run_stage(stage: str) -> str:
     """Run one stage through DVC, streaming its output to the Prefect log: progress bars every
     quarter, training lines at each epoch's end. Returns ``ran``, ``skipped`` (DVC found its inputs
-    unchanged) or ``cached`` (DVC restored its outputs from the run-cache without running it)."""
+    unchanged) or ``cached`` (DVC restored its outputs from its cache without running it)."""
     log = get_run_logger()
     proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)

@@ -313,6 +313,14 @@ def test_a_shard_a_killed_download_left_is_quarantined_and_counted(datacomp_pool
     (tmp_path / "stats.json").rename(shards / "00000000_stats.json")
     with pytest.raises(ShardError, match=r"image shard 00000000: cannot read .*00000000\.parquet"):
         _open({"root": root}, tmp_path / "b")
+    # only a record that is not a parquet file is taken for an unfinished shard: one without a uid
+    # column (img2dataset run otherwise than DataComp runs it) is named, stats or not
+    (shards / "00000000_stats.json").unlink()                  # shard 0 unfinished again
+    other = shards / "00000001.parquet"
+    pq.write_table(pq.read_table(other).drop(["uid"]), other)
+    (shards / "00000001_stats.json").unlink()
+    with pytest.raises(ShardError, match=r"image shard 00000001: .* lacks column\(s\) \['uid'\]"):
+        _open({"root": root}, tmp_path / "c")
 
 
 def test_a_caption_that_is_not_utf8_is_written_and_counted(datacomp_pool, tmp_path):

@@ -289,11 +289,15 @@ def test_a_language_label_fasttext_never_gives_and_a_nan_cut_are_refused(tmp_pat
     from winnow.config import ParamsError
     from winnow.filters.engine import load_recipe
 
+    from winnow.filters.text import shipped_lid_model
+
     (tmp_path / "lid.bin").write_bytes(b"not a fastText model" * 100)
+    (tmp_path / "cut.ftz").write_bytes(shipped_lid_model().read_bytes()[:1000])    # fastText: std::bad_alloc
     with pytest.raises(ParamsError, match=r"lang 'eng' is not a label of the language-id model \(176 .*did you mean 'en'"):
         load_recipe({"name": "bad", "steps": [{"step": "language", "lang": "eng"}]})
     for step in ({"step": "language", "lang": "EN"}, {"step": "language", "lang": "english"},
                  {"step": "language", "lang": "xx"}, {"step": "language", "lid_file": str(tmp_path / "lid.bin")},
+                 {"step": "language", "lid_file": str(tmp_path / "cut.ftz")},
                  {"step": "clip_score", "score": "clip_b32_similarity_score", "threshold": float("nan")},
                  {"step": "image_size", "max_aspect": float("nan")}):
         with pytest.raises(ParamsError):

@@ -301,6 +301,14 @@ def test_datacomps_numpy_centroid_file_loads_and_nothing_else_is_built(tmp_path)
         z.writestr("evil/version", "3\n")
     with pytest.raises(ParamsError, match="cannot be read"):
         targets.load(str(tmp_path / "evil.pt"))
+    # _codecs.encode, which protocol 2 needs for the array's bytes, with a codec other than latin-1:
+    # "hex" doubles its input, and a few hundred bytes of re-encodings asked for gigabytes
+    codec = b"\x80\x02c_codecs\nencode\nX\x02\x00\x00\x00abX\x03\x00\x00\x00hex\x86R."
+    with zipfile.ZipFile(tmp_path / "codec.pt", "w") as z:
+        z.writestr("codec/data.pkl", codec)
+        z.writestr("codec/version", "3\n")
+    with pytest.raises(ParamsError, match="'hex' is not part of a NumPy array"):
+        targets.load(str(tmp_path / "codec.pt"))
     torch.save(np.array([{"a": 1}], dtype=object), tmp_path / "objects.pt", pickle_protocol=4)
     with pytest.raises(ParamsError):
         targets.load(str(tmp_path / "objects.pt"))

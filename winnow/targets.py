@@ -48,12 +48,20 @@ def load(path: str | list[str], normalize: bool = True) -> np.ndarray:
         elif suffix in (".pt", ".pth"):
             import torch
 
-            try:
-                with warnings.catch_warnings():   # torch's note on protocol 4 (DataComp's files): read below
-                    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-                    obj = torch.load(p, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:   # not tensors: DataComp's centroids are a NumPy array in torch.save's zip
-                obj = _numpy_from_torch_file(p)
+            data = _pickle_of(p)
+            if data is not None and b"_codecs" in data:
+                # torch's weights-only unpickler lets _codecs.encode use any codec (a few hundred bytes
+                # of "hex" re-encodings ask for gigabytes): such a file is read by ours, latin-1 only
+                obj = _numpy_from_pickle(data)
+            else:
+                try:
+                    with warnings.catch_warnings():   # torch's note on protocol 4 (DataComp's files): read below
+                        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                        obj = torch.load(p, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError:   # not tensors: DataComp's centroids are a NumPy array in torch.save's zip
+                    if data is None:
+                        raise
+                    obj = _numpy_from_pickle(data)
             if isinstance(obj, dict):
                 key = next((k for k in KEYS if k in obj), None)
                 if key is None:
@@ -76,33 +84,49 @@ def load(path: str | list[str], normalize: bool = True) -> np.ndarray:
 
 
 # What pickling a plain NumPy array names (NumPy 1 and 2): nothing else may be built. Under pickle
-# protocol 2 (torch.save's default) the array's bytes come back through _codecs.encode(str, "latin1"),
-# which only turns text into bytes.
+# protocol 2 (torch.save's default) the array's bytes come back through _codecs.encode(text, "latin1"),
+# allowed with that codec only: it turns text into as many bytes, never more.
 _NUMPY_GLOBALS = {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
-                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not part of a NumPy array")
+    return text.encode("latin-1", errors="strict")
 
 
 class _ArrayOnly(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _NUMPY_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a NumPy array")
 
     def persistent_load(self, pid):   # torch tensor storages: a file of tensors goes through torch.load
         raise pickle.UnpicklingError("a tensor storage, not a NumPy array")
 
 
-def _numpy_from_torch_file(p) -> np.ndarray:
+def _pickle_of(p) -> bytes | None:
+    """The pickle inside a ``torch.save`` archive (its ``data.pkl``), or None for a file that is not
+    one (torch's legacy format: torch.load reads it)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            name = next((n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+            if name is None:
+                raise pickle.UnpicklingError("no data.pkl in the archive")
+            return z.read(name)
+    except zipfile.BadZipFile:
+        return None
+
+
+def _numpy_from_pickle(data: bytes) -> np.ndarray:
     """A NumPy array saved with ``torch.save`` (DataComp's ``image_based_clustering.py`` centroids:
     pickle protocol 4; or torch's default protocol 2), which torch's weights-only unpickler cannot
     read: the archive's pickle read by an unpickler that builds an ndarray and nothing else."""
-    import zipfile
-
-    with zipfile.ZipFile(p) as z:
-        name = next((n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
-        if name is None:
-            raise pickle.UnpicklingError("no data.pkl in the archive")
-        data = z.read(name)
     obj = _ArrayOnly(io.BytesIO(data)).load()
     if not isinstance(obj, np.ndarray):
         raise pickle.UnpicklingError(f"holds a {type(obj).__name__}, not a NumPy array")

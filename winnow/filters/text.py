@@ -78,12 +78,12 @@ class Language(Step):
         caption, found only after language id had run over the whole pool."""
         try:
             labels = _lid_labels(str(project_file(self.lid_file).resolve()) if self.lid_file else None)
-        except ValueError as e:      # fastText's own message for a file that is not a model
+        except (ValueError, MemoryError, RuntimeError) as e:   # not a model; a cut one asks for any size
             raise ParamsError(f"language lid_file {self.lid_file} is not a fastText model: {e}") from None
         if self.lang not in labels:
             near = difflib.get_close_matches(self.lang.lower(), sorted(labels), n=3)
             raise ValueError(f"lang {self.lang!r} is not a label of the language-id model "
-                             f"({len(labels)} lowercase ISO 639 codes, e.g. 'en'"
+                             f"({len(labels)} labels, e.g. {', '.join(map(repr, sorted(labels)[:3]))}"
                              + (f"; did you mean {', '.join(map(repr, near))}" if near else "") + ")")
         return self
 

@@ -86,6 +86,11 @@ def _shard_stems(names: list[str], suffix: str) -> list[str]:
     return sorted((s for s in stems if IMAGE_SHARD.match(s)), key=int)
 
 
+class UnreadableRecord(ShardError):
+    """A record parquet that is not a parquet file (no footer): a shard img2dataset never finished,
+    unless its ``_stats.json`` says it did."""
+
+
 def read_records(shards_uri: str, shard: str) -> pa.Table:
     """img2dataset's record of one shard: ``uid`` and ``status`` of every URL it attempted."""
     p = wio.join(shards_uri, f"{shard}.parquet")
@@ -93,7 +98,9 @@ def read_records(shards_uri: str, shard: str) -> pa.Table:
         t = pq.read_table(wio.source(p))
     except FileNotFoundError:
         raise ShardError(f"image shard {shard}: record {p} is missing") from None
-    except (pa.ArrowInvalid, OSError) as exc:
+    except pa.ArrowInvalid as exc:     # no footer (or no magic bytes): what a killed img2dataset leaves
+        raise UnreadableRecord(f"image shard {shard}: cannot read {p}: {exc}") from None
+    except OSError as exc:             # an I/O failure says nothing about the shard: never quarantined
         raise ShardError(f"image shard {shard}: cannot read {p}: {exc}") from None
     missing = [c for c in ("uid", "status") if c not in t.column_names]
     if missing:
@@ -142,9 +149,9 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
     for shard in _shard_stems(names, ".parquet"):
         try:
             rec = read_records(shards_uri, shard)
-        except ShardError:
+        except UnreadableRecord:
             # img2dataset opens a shard's record parquet first and writes its footer, then
-            # <shard>_stats.json, only when the shard is done: an unreadable record without stats
+            # <shard>_stats.json, only when the shard is done: a footerless record without stats
             # is a shard a killed download left, quarantined and counted; with stats, it is damage
             if shard in finished:
                 raise
