@@ -182,7 +182,8 @@ def test_prefect_flow_runs_one_task_per_stage(project, monkeypatch):
     assert state.is_completed(), state
     results = state.result()
     assert list(results) == ALL_STAGES
-    assert results["pool"] == "skipped" and results["filter"] == "ran"
+    # filter ran, or DVC restored it from its run-cache (an earlier test of the module ran no_filter)
+    assert results["pool"] == "skipped" and results["filter"] in ("ran", "cached")
     this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=this_run)

@@ -309,6 +309,10 @@ def test_datacomps_numpy_centroid_file_loads_and_nothing_else_is_built(tmp_path)
         z.writestr("codec/version", "3\n")
     with pytest.raises(ParamsError, match="'hex' is not part of a NumPy array"):
         targets.load(str(tmp_path / "codec.pt"))
+    with zipfile.ZipFile(tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED) as z:     # 100 MB in about 100 KB
+        z.writestr("bomb/data.pkl", b"\x80\x02" + b"N" * 100_000_000)
+    with pytest.raises(ParamsError, match="data.pkl is compressed"):
+        targets.load(str(tmp_path / "bomb.pt"))
     torch.save(np.array([{"a": 1}], dtype=object), tmp_path / "objects.pt", pickle_protocol=4)
     with pytest.raises(ParamsError):
         targets.load(str(tmp_path / "objects.pt"))

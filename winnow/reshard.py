@@ -255,7 +255,7 @@ def _write(pool: Pool, subset: U.SortedUids, work, shard_size: int, where: Place
                     continue
                 seen[i] = True
                 found += 1
-                not_utf8 += x["txt_not_utf8"]      # written with U+FFFD for the bad bytes, counted
+                not_utf8 += x.get("txt_not_utf8", False)      # written with U+FFFD for the bad bytes, counted
                 uid = x["json"]["uid"]
                 for j in range(n):
                     written += 1

@@ -118,6 +118,8 @@ def _pickle_of(p) -> bytes | None:
             name = next((n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
             if name is None:
                 raise pickle.UnpicklingError("no data.pkl in the archive")
+            if z.getinfo(name).compress_type != zipfile.ZIP_STORED:   # a deflate bomb: torch.save never compresses
+                raise pickle.UnpicklingError("data.pkl is compressed, which torch.save never writes")
             return z.read(name)
     except zipfile.BadZipFile:
         return None

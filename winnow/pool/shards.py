@@ -135,15 +135,15 @@ def _sample(members: dict) -> dict:
         "jpg": members.get(ext),        # the image, whatever its format ...
         "ext": ext,                     # ... and the suffix it came with (img2dataset --encode_format)
         "txt": txt,
-        "txt_not_utf8": bad_utf8,
         "json": _json(members.get("json")),
+        **({"txt_not_utf8": True} if bad_utf8 else {}),    # only then: a sample written back stays as read
     }
 
 
 def iter_tar(uri: str, shard: str) -> Iterator[dict]:
-    """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "ext": str, "txt": str,
-    "txt_not_utf8": bool, "json": dict}`` (``jpg``: the image in whatever format, ``ext`` its member
-    suffix; ``txt_not_utf8``: the caption's bytes were not UTF-8, and read with U+FFFD for them).
+    """Samples of one webdataset tar: ``{"__key__", "jpg": bytes, "ext": str, "txt": str, "json": dict}``
+    (``jpg``: the image in whatever format, ``ext`` its member suffix), and ``"txt_not_utf8": True``
+    where the caption's bytes were not UTF-8 (read with U+FFFD for them).
 
     Members are grouped by key (name up to the first dot) and read in memory, never extracted, so
     a member named ``../x`` or ``/x`` cannot write anywhere. Only allowlisted member types are read
