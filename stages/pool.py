@@ -60,14 +60,13 @@ def body(p: Params) -> dict:
                    not_attempted=c["not_attempted"], image_shards=len(summary["image_shards"]),
                    duplicate_downloads=c["duplicate_downloads"], tars_without_record=c["tars_without_record"],
                    unfinished_shards=c["unfinished_shards"])
-        if c["tars_without_record"]:   # their images are not in the pool: say which, not only how many
-            print(f"winnow pool: {c['tars_without_record']} image tar(s) have no img2dataset record parquet (an "
-                  f"unfinished download shard), their samples count as not downloaded: "
-                  f"{c['tars_without_record_examples']}", file=sys.stderr)
-        if c["unfinished_shards"]:
-            print(f"winnow pool: {c['unfinished_shards']} image shard(s) were left unfinished by a killed download "
-                  f"(a record parquet without its footer, and no _stats.json), their samples count as not "
-                  f"downloaded: {c['unfinished_shards_examples']}", file=sys.stderr)
+        for kind, what in (("tars_without_record", "image tar(s) have no img2dataset record parquet (an "
+                                                   "unfinished download shard)"),
+                           ("unfinished_shards", "image shard(s) were left unfinished by a killed download "
+                                                 "(a record parquet without its footer, and no _stats.json)")):
+            if c[kind]:   # their images are not in the pool: say which, not only how many
+                print(f"winnow pool: {c[kind]} {what}, their samples count as not downloaded: "
+                      f"{c[kind + '_examples']}", file=sys.stderr)
     return out
 
 

@@ -271,7 +271,7 @@ def test_an_unfinished_shard_an_empty_metadata_folder_and_a_bad_uid_are_named(da
 
     dc = datacomp_pool
     root = _copy_download(dc, tmp_path / "dl")
-    (root / "shards" / "00000000.parquet").unlink()          # img2dataset writes the record last
+    (root / "shards" / "00000000.parquet").unlink()          # a tar with no record at all
     c = _open({"root": root}, tmp_path / "a").manifest["download"]
     assert c["tars_without_record"] == 1 and c["tars_without_record_examples"] == ["00000000"]
     empty = tmp_path / "empty"

@@ -77,7 +77,7 @@ class Language(Step):
         """``lang`` must be one of the model's own labels: `EN`, `english` or `eng` would match no
         caption, found only after language id had run over the whole pool."""
         try:
-            labels = _lid_labels(str(project_file(self.lid_file).resolve()) if self.lid_file else None)
+            labels = _lid_labels(self._model_path())
         except (ValueError, MemoryError, RuntimeError) as e:   # not a model; a cut one asks for any size
             raise ParamsError(f"language lid_file {self.lid_file} is not a fastText model: {e}") from None
         if self.lang not in labels:
@@ -93,11 +93,14 @@ class Language(Step):
     def files(self) -> list[str]:
         return [str(project_file(self.lid_file))] if self.lid_file else []
 
+    def _model_path(self) -> str | None:
+        """The model file, absolute (None: the shipped one): a worker of a remote cluster resolves a
+        relative path in its own directory (the executor makes ``*_file`` fields absolute in the
+        driver); the file must be readable there."""
+        return str(project_file(self.lid_file).resolve()) if self.lid_file else None
+
     def verdict(self, batch, fitted=None) -> np.ndarray:
-        # absolute: a worker of a remote cluster resolves a relative path in its own directory (the
-        # executor makes ``*_file`` fields absolute in the driver); the file must be readable there
-        model = str(project_file(self.lid_file).resolve()) if self.lid_file else None
-        return detect_languages(batch.arrow("text"), model) == self.lang
+        return detect_languages(batch.arrow("text"), self._model_path()) == self.lang
 
 
 def count_words(text, tokenizer: str = "split") -> np.ndarray:

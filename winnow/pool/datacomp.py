@@ -69,11 +69,6 @@ def metadata_files(metadata_uri: str) -> list[str]:
     return stems
 
 
-def image_shards(shards_uri: str) -> list[str]:
-    """img2dataset shard stems that have a record parquet, sorted numerically."""
-    return _shard_stems(_shard_names(shards_uri), ".parquet")
-
-
 def _shard_names(shards_uri: str) -> list[str]:
     try:
         return wio.list_names(shards_uri)
@@ -179,7 +174,7 @@ def join(metadata_uri: str, stems: list[str], shards_uri: str | None) -> dict:
         downloaded[got] = True
     counts["downloaded"] = int(downloaded.sum())
     counts["not_attempted"] = int((~attempted).sum())
-    # img2dataset writes a shard's record last: a tar without one is a shard it never finished
+    # a tar without any record parquet: its samples cannot be joined to the metadata
     orphans = sorted(set(_shard_stems(names, ".tar")) - set(shard_list) - set(unfinished), key=int)
     counts["tars_without_record"], counts["tars_without_record_examples"] = len(orphans), orphans[:5]
     counts["unfinished_shards"], counts["unfinished_shards_examples"] = len(unfinished), unfinished[:5]
