@@ -229,8 +229,70 @@ def test_flip_drop_quantile_is_an_exact_rank_rule(demo_pool, tmp_path):
     want = top_fraction_threshold(drop, 1 - 0.8)
     assert f["steps"][0]["state"]["max_drop"] == want
     assert f["kept_unique"] == int((drop <= want).sum()) and 0.75 * len(drop) <= f["kept_unique"] <= 0.85 * len(drop)
-    with pytest.raises(ParamsError, match="exactly one of 'max_drop' or 'max_drop_quantile'"):
+    with pytest.raises(ParamsError, match="exactly one of 'max_drop', 'max_drop_quantile' or 'max_drop_mirror'"):
         load_recipe({"name": "r", "steps": [{"step": "flip_score", "max_drop": 0.1, "max_drop_quantile": 0.9}]})
+
+
+def _with_flip_drops(demo_pool, out, text_share: float, seed: int = 0):
+    """A copy of the demo pool whose two metadata scores stand in for a score and its flipped-image
+    score: a share ``text_share`` of the rows are text pairs (they lose 0.05-0.2 on flipping), the
+    others clean (their drops symmetric about 0, sd 0.01). Returns the text pairs' uids."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(demo_pool, out)
+    rng = np.random.default_rng(seed)
+    text = []
+    for stem in shards.discover(str(out)):
+        t = pq.read_table(out / f"{stem}.parquet")
+        n = t.num_rows
+        is_text = rng.random(n) < text_share
+        score = rng.uniform(0.2, 0.4, n)
+        drop = np.where(is_text, rng.uniform(0.05, 0.2, n), rng.normal(0, 0.01, n))
+        t = t.set_column(t.schema.get_field_index("clip_l14_similarity_score"), "clip_l14_similarity_score",
+                         pa.array(score, pa.float32()))
+        t = t.set_column(t.schema.get_field_index("clip_b32_similarity_score"), "clip_b32_similarity_score",
+                         pa.array(score - drop, pa.float32()))
+        pq.write_table(t, out / f"{stem}.parquet")
+        text += t.column("uid").to_numpy(zero_copy_only=False)[is_text].tolist()
+    return set(text)
+
+
+@pytest.mark.parametrize("text_share", [0.1, 0.5])
+def test_flip_drop_mirror_takes_out_text_pairs_however_many_there_are(demo_pool, tmp_path, text_share):
+    """``max_drop_mirror: r`` keeps a drop up to the rise that a share r of the samples exceed:
+    only clean pairs rise, and their drops mirror their rises, so text pairs go whether they are a
+    tenth or half of what the step decides, and few clean pairs do. A quantile of all drops
+    (``max_drop_quantile: 0.85``) takes out 15% of the samples, however many text pairs there are."""
+    from winnow.filters.clip_score import top_fraction_threshold
+
+    pool_dir = tmp_path / "pool"
+    text = _with_flip_drops(demo_pool, pool_dir, text_share)
+    meta = pd.concat([shards.read_meta(str(pool_dir), s).to_pandas() for s in shards.discover(str(pool_dir))])
+    drop = meta.clip_l14_similarity_score.to_numpy(np.float32) - meta.clip_b32_similarity_score.to_numpy(np.float32)
+    flip = {"step": "flip_score", "score": "clip_l14_similarity_score", "flip_score": "clip_b32_similarity_score"}
+    kept = {}
+    for rule in ({"max_drop_mirror": 0.02}, {"max_drop_quantile": 0.85}):
+        name = next(iter(rule))
+        f = run(recipe(tmp_path, [flip | rule], name=name), Pool.open(str(pool_dir)), str(tmp_path / name))
+        kept[name] = set(U.array_to_hex(U.load(tmp_path / name / "uids.npy")).tolist())
+        if name == "max_drop_mirror":
+            want = top_fraction_threshold(-drop, 0.02)            # the rise at descending rank int(0.02 N)
+            assert f["steps"][0]["state"]["max_drop"] == pytest.approx(want, abs=1e-7)
+            assert kept[name] == set(meta.uid[drop <= want])
+    clean = set(meta.uid) - text
+    mirror = kept["max_drop_mirror"]
+    assert not mirror & text, "every text pair goes"
+    assert len(clean - mirror) <= 0.05 * len(clean), "few clean pairs go"
+    quantile = kept["max_drop_quantile"]
+    if text_share > 0.15:
+        assert len(quantile & text) > 0.5 * len(text), "a quantile of all drops leaves most text pairs"
+    with pytest.raises(ParamsError, match="exactly one of 'max_drop', 'max_drop_quantile' or 'max_drop_mirror'"):
+        load_recipe({"name": "r", "steps": [{"step": "flip_score", "max_drop_quantile": 0.9, "max_drop_mirror": 0.01}]})
+    with pytest.raises(ParamsError, match="max_drop_mirror"):
+        load_recipe({"name": "r", "steps": [{"step": "flip_score", "max_drop_mirror": 0.5}]})
 
 
 @pytest.mark.parametrize("mode", ["min", "flipped"])

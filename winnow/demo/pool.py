@@ -29,7 +29,8 @@ NOISE_KINDS = ["clean", "mismatched", "non_english", "scene_text", "uninformativ
                "exact_duplicate", "near_duplicate"]
 # (mean, sd) of the simulated OpenAI B/32 cosine per kind; L/14 is ~0.035 lower (DataComp Table 16).
 B32_SCORE = {"clean": (0.31, 0.035), "mismatched": (0.17, 0.03), "non_english": (0.22, 0.04),
-             "scene_text": (0.34, 0.03), "uninformative": (0.19, 0.03), "bad_size": (0.29, 0.04)}
+             "scene_text": (0.34, 0.03), "uninformative": (0.19, 0.03), "bad_size": (0.29, 0.04),
+             "loose": (0.26, 0.04)}   # a clean pair captioned loosely (pool.loose_captions)
 
 
 @dataclass
@@ -123,6 +124,9 @@ def make_samples(cfg: PoolParams, seed: int) -> list[Sample]:
         elif kind == "uninformative":
             s.caption = world.caption_uninformative(rng)
             s.caption_scene = None
+        elif cfg.loose_captions and rng.random() < cfg.loose_captions:   # drawn only when asked: a pool without stays byte-identical
+            s.caption = world.caption_loose(scene, rng)
+            s.extra["loose"] = True
         else:  # clean, bad_size
             s.caption = world.caption_en(scene, rng)
         s.width, s.height = _original_size(rng, bad=(kind == "bad_size"))
@@ -172,7 +176,7 @@ class ClipSimulator:
         return v
 
     def pair(self, s: Sample, rng) -> tuple[np.ndarray, np.ndarray]:
-        mean, sd = B32_SCORE[s.kind]
+        mean, sd = B32_SCORE["loose" if s.extra.get("loose") else s.kind]
         target = float(np.clip(rng.normal(mean - self.offset, sd), -0.2, 0.6))
         txt_scene = s.caption_scene
         if s.kind == "scene_text":
@@ -228,7 +232,8 @@ def write_pool(cfg: PoolParams, seed: int, out: str) -> dict:
                               "colour": sc.colour if sc.count else None, "count": sc.count,
                               "background": sc.background, "scene_text": sc.text,
                               "on_task": bool(sc.count) and sc.shape in world.SHAPES,
-                              "duplicate_of": uid_of(s.source.url, s.source.caption) if s.source else None})
+                              "duplicate_of": uid_of(s.source.url, s.source.caption) if s.source else None}
+                             | ({"loose_caption": bool((s.source or s).extra.get("loose"))} if cfg.loose_captions else {}))
             shards.write_meta(root, stem, pa.Table.from_pylist(rows, schema=shards.META_SCHEMA))
             shards.write_npz(root, stem, {k: np.stack(v) for k, v in arrays.items()})
             shards.write_tar(root, stem, tar)
@@ -244,7 +249,8 @@ def write_pool(cfg: PoolParams, seed: int, out: str) -> dict:
 
 
 def _as_clean(s: Sample) -> Sample:
-    return Sample(kind="clean", scene=s.scene, caption=s.caption, caption_scene=s.caption_scene)
+    return Sample(kind="clean", scene=s.scene, caption=s.caption, caption_scene=s.caption_scene,
+                  extra={"loose": True} if (s.source or s).extra.get("loose") else {})
 
 
 def write_trusted(cfg: PoolParams, seed: int, out: str) -> int:

@@ -44,6 +44,17 @@ EN_TEMPLATES = [
     "a picture showing {count} {size} {colour} {shapes} on a {bg} background",
     "stock image: {count} {colour} {shapes}, {bg} backdrop",
 ]
+# Alt text that names only part of a clean scene inside boilerplate (pool.loose_captions): the loosely
+# aligned pairs web pools are full of. A scorer trained on full descriptions rates them below a
+# caption that spells out an image's text, as OpenAI CLIP rates LAION's parrots above plain photos.
+LOOSE_TEMPLATES = [
+    "{colour} {shapes} vector illustration, free download",
+    "{shapes} icon pack - buy online",
+    "{colour} geometric design for your wall, stock art",
+    "set of {shapes}, royalty free image",
+    "cute {colour} pattern, printable wallpaper",
+]
+
 # Non-English captions of the same scenes (the web's other languages); grammar kept simple.
 FOREIGN = {
     "de": ("ein Foto von {count} {colour} Formen auf einem {bg} Hintergrund mit {shapes}",
@@ -204,6 +215,12 @@ def caption_en(scene: Scene, rng: np.random.Generator) -> str:
     shapes = PLURAL[scene.shape] if scene.count > 1 else scene.shape
     return t.format(count=COUNT_WORDS[scene.count - 1], colour=scene.colour, shapes=shapes,
                     size=scene.size, bg=scene.background)
+
+
+def caption_loose(scene: Scene, rng: np.random.Generator) -> str:
+    """Web alt text that names at most the scene's colour and shape (never its count, size or
+    background), among boilerplate."""
+    return str(rng.choice(LOOSE_TEMPLATES)).format(colour=scene.colour, shapes=PLURAL[scene.shape])
 
 
 def caption_foreign(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:

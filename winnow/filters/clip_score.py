@@ -155,7 +155,12 @@ class FlipScore(Step):
     ``mode``: ``drop`` keeps samples whose score falls by at most ``max_drop`` when the image is
     flipped — or, with ``max_drop_quantile: q``, by at most the q-quantile of the drops of the
     samples it decides (exact, two histogram passes like the top-fraction rule: the value at
-    descending rank int(N(1-q)), so about the (1-q) largest drops go); ``flipped`` keeps
+    descending rank int(N(1-q)), so about the (1-q) largest drops go) — or, with
+    ``max_drop_mirror: r``, by at most the rise that a share r of them exceed. Only a pair without
+    text rises on flipping, and its drops are the mirror of its rises, so that rule is relative
+    to clean pairs' drops: it takes out the text pairs however many there are (a quantile of all
+    drops takes out 1-q of them, no more), while a clean pair goes about as often as any sample
+    rises by more (r of the samples decided); ``flipped`` keeps
     flipped-image score >= ``threshold``; ``min`` keeps min(score, flipped score) >= ``threshold``
     — or, with ``fraction``, the top fraction of the samples it decides by that score (the CLIP
     cut taken on what the pair still shares once the text no longer reads). The quantile and
@@ -169,18 +174,20 @@ class FlipScore(Step):
     fraction: float | None = Field(None, gt=0, le=1)
     max_drop: float | None = None
     max_drop_quantile: float | None = Field(None, gt=0, le=1)
+    max_drop_mirror: float | None = Field(None, gt=0, lt=0.5)
 
     @model_validator(mode="after")
     def _params_for_mode(self):
+        drops = [self.max_drop, self.max_drop_quantile, self.max_drop_mirror]
         if self.mode == "drop":
-            if (self.max_drop is None) == (self.max_drop_quantile is None):
-                raise ValueError("mode 'drop' needs exactly one of 'max_drop' or 'max_drop_quantile'")
+            if sum(d is not None for d in drops) != 1:
+                raise ValueError("mode 'drop' needs exactly one of 'max_drop', 'max_drop_quantile' or 'max_drop_mirror'")
             if self.threshold is not None or self.fraction is not None:
-                raise ValueError("mode 'drop' takes 'max_drop' or 'max_drop_quantile', not 'threshold' or 'fraction'")
+                raise ValueError("mode 'drop' takes a max drop, not 'threshold' or 'fraction'")
         else:
             if (self.threshold is None) == (self.fraction is None):
                 raise ValueError(f"mode '{self.mode}' needs exactly one of 'threshold' or 'fraction'")
-            if self.max_drop is not None or self.max_drop_quantile is not None:
+            if any(d is not None for d in drops):
                 raise ValueError(f"mode '{self.mode}' takes 'threshold' or 'fraction', not a max drop")
         return self
 
@@ -188,7 +195,7 @@ class FlipScore(Step):
         return [self.score, self.flip_score], []
 
     def needs_fit(self) -> bool:
-        return self.max_drop_quantile is not None or self.fraction is not None
+        return self.max_drop_quantile is not None or self.max_drop_mirror is not None or self.fraction is not None
 
     fit_passes = 2      # an exact quantile / top fraction (TopFractionSelect)
 
@@ -197,10 +204,13 @@ class FlipScore(Step):
         return s - f if self.mode == "drop" else f if self.mode == "flipped" else np.minimum(s, f)
 
     def fit_begin(self, pool) -> TopFractionSelect:
+        if self.max_drop_mirror is not None:
+            return TopFractionSelect(self.max_drop_mirror)      # over the rises (flipped - score)
         return TopFractionSelect(1.0 - self.max_drop_quantile if self.mode == "drop" else self.fraction)
 
     def fit_shard(self, batch, alive: np.ndarray, pass_no: int, state: TopFractionSelect):
-        return state.part(self._values(*self.explain(batch).values())[alive], pass_no)     # non-finite values are left out there
+        v = self._values(*self.explain(batch).values())[alive]
+        return state.part(-v if self.max_drop_mirror is not None else v, pass_no)     # non-finite values are left out there
 
     def fit_reduce(self, parts, pass_no: int, state: TopFractionSelect):
         t = state.reduce(parts, pass_no)
