@@ -289,7 +289,10 @@ def comparable(params) -> str:
     scorer (no_filter reads none)."""
     from winnow.jobs import digest
 
-    return digest({"pool": params.pool.model_dump(mode="json", exclude={"min_downloaded", "max_unreadable_tars"}),
+    pool = params.pool.model_dump(mode="json", exclude={"min_downloaded", "max_unreadable_tars"})
+    if not pool["loose_captions"]:     # off, the pool is byte-identical to one from before the knob: same tag
+        del pool["loose_captions"]
+    return digest({"pool": pool,
                    "seed": params.seed,      # gates' floors (above) and how evaluation runs (below) change no score
                    "eval": params.eval.model_dump(mode="json", exclude={"workers", "device", "batch_size",
                                                                         "max_quarantined", "allow_partial"}),

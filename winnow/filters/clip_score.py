@@ -159,8 +159,9 @@ class FlipScore(Step):
     ``max_drop_mirror: r``, by at most the rise that a share r of them exceed. Only a pair without
     text rises on flipping, and its drops are the mirror of its rises, so that rule is relative
     to clean pairs' drops: it takes out the text pairs however many there are (a quantile of all
-    drops takes out 1-q of them, no more), while a clean pair goes about as often as any sample
-    rises by more (r of the samples decided); ``flipped`` keeps
+    drops takes out 1-q of them, no more), while about r of the samples decided go as clean pairs
+    (a share r / clean share of the clean ones: keep r small where text pairs are many). It
+    assumes that mirroring does not move a textless pair's score on average; ``flipped`` keeps
     flipped-image score >= ``threshold``; ``min`` keeps min(score, flipped score) >= ``threshold``
     — or, with ``fraction``, the top fraction of the samples it decides by that score (the CLIP
     cut taken on what the pair still shares once the text no longer reads). The quantile and
