@@ -176,7 +176,7 @@ class ClipSimulator:
         return v
 
     def pair(self, s: Sample, rng) -> tuple[np.ndarray, np.ndarray]:
-        mean, sd = B32_SCORE["loose" if s.extra.get("loose") else s.kind]
+        mean, sd = B32_SCORE["loose" if _loose(s) else s.kind]
         target = float(np.clip(rng.normal(mean - self.offset, sd), -0.2, 0.6))
         txt_scene = s.caption_scene
         if s.kind == "scene_text":
@@ -233,7 +233,7 @@ def write_pool(cfg: PoolParams, seed: int, out: str) -> dict:
                               "background": sc.background, "scene_text": sc.text,
                               "on_task": bool(sc.count) and sc.shape in world.SHAPES,
                               "duplicate_of": uid_of(s.source.url, s.source.caption) if s.source else None}
-                             | ({"loose_caption": bool((s.source or s).extra.get("loose"))} if cfg.loose_captions else {}))
+                             | ({"loose_caption": _loose(s)} if cfg.loose_captions else {}))
             shards.write_meta(root, stem, pa.Table.from_pylist(rows, schema=shards.META_SCHEMA))
             shards.write_npz(root, stem, {k: np.stack(v) for k, v in arrays.items()})
             shards.write_tar(root, stem, tar)
@@ -248,9 +248,14 @@ def write_pool(cfg: PoolParams, seed: int, out: str) -> dict:
     return summary
 
 
+def _loose(s: Sample) -> bool:
+    """Whether a sample's caption is loose alt text (a duplicate's is its source's)."""
+    return bool((s.source or s).extra.get("loose"))
+
+
 def _as_clean(s: Sample) -> Sample:
     return Sample(kind="clean", scene=s.scene, caption=s.caption, caption_scene=s.caption_scene,
-                  extra={"loose": True} if (s.source or s).extra.get("loose") else {})
+                  extra={"loose": True} if _loose(s) else {})
 
 
 def write_trusted(cfg: PoolParams, seed: int, out: str) -> int:
