@@ -149,3 +149,37 @@ def test_loose_captions_name_part_of_the_scene_and_are_marked_in_truth(tmp_path)
     for name in ("00000000.parquet", "00000000.tar", "00000000.npz", "truth.parquet"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert "loose_caption" not in pd.read_parquet(tmp_path / "a" / "truth.parquet")
+
+
+def test_text_on_objects_paints_sign_text_over_a_scene_of_objects(tmp_path):
+    """pool.text_on_objects: that share of the scene-text images (and of the trusted signs) show the
+    sign's text over a scene of objects, as web posters and product shots do, so an image-cluster
+    filter cannot tell them from on-task pictures; their caption still only repeats the text. At 0
+    the pool is byte-identical to one without the knob."""
+    from winnow.demo import world
+
+    base = dict(num_samples=800, shard_size=800, trusted_samples=300)
+    demo.write_pool(PoolParams(**base, text_on_objects=0.75), 2, str(tmp_path / "on"))
+    truth = pd.read_parquet(tmp_path / "on" / "truth.parquet")
+    meta = pd.read_parquet(tmp_path / "on" / "00000000.parquet").merge(truth, on="uid")
+    signs = meta[meta.kind == "scene_text"]
+    on = signs[signs["count"] > 0]
+    assert 0.6 < len(on) / len(signs) < 0.9
+    assert on["shape"].notna().all() and on.on_task.any() and not signs[signs["count"] == 0].on_task.any()
+    for row in signs.itertuples():   # the caption names the text, never the objects under it
+        words = set(row.text.lower().replace("!", " ").split())
+        assert row.scene_text in words and not words & (set(world.SHAPES) | set(world.PLURAL.values()) | set(world.COLOURS))
+    # the image shows both: the objects' colour and the text's ink
+    rng = np.random.default_rng(0)
+    scene = world.Scene("star", "red", 3, "large", "white", text="sale")
+    px = np.asarray(world.render(scene, rng)).reshape(-1, 3).astype(int)
+    red = (np.abs(px - world.COLOURS["red"]).sum(1) < 60).mean()
+    ink = (px.sum(1) < 80).mean()
+    assert red > 0.05 and ink > 0.01
+    demo.write_pool(PoolParams(**base), 2, str(tmp_path / "a"))
+    demo.write_pool(PoolParams(**base, text_on_objects=0.0), 2, str(tmp_path / "b"))
+    for name in ("00000000.parquet", "00000000.tar", "00000000.npz", "truth.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    for sub in ("a", "b"):
+        assert (tmp_path / sub / "trusted" / "00000000.tar").exists()
+    assert (tmp_path / "a" / "trusted" / "00000000.tar").read_bytes() == (tmp_path / "b" / "trusted" / "00000000.tar").read_bytes()

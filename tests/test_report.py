@@ -62,11 +62,11 @@ def test_the_delta_is_measured_against_a_no_filter_run_on_the_same_pool_and_eval
     same = track.comparable(p)
     assert track.comparable(Params.model_validate({"filter": {"recipe": "basic"}, "train": {"seed": 3}})) == same
     for other in ({"pool": {"num_samples": 800}}, {"eval": {"test_samples": 10}}, {"seed": 1},
-                  {"train": {"scale": "micro"}}, {"pool": {"loose_captions": 0.5}}):
+                  {"train": {"scale": "micro"}}, {"pool": {"loose_captions": 0.5}}, {"pool": {"text_on_objects": 0.5}}):
         assert track.comparable(Params.model_validate(other)) != same, other
     # a world knob at its off value leaves the pool byte-identical, so runs recorded before the
     # knob existed stay comparable: this is the default params' tag from before pool.loose_captions
-    assert same == track.comparable(Params.model_validate({"pool": {"loose_captions": 0.0}})) == "3ed8651b1e90c1e0"
+    assert same == track.comparable(Params.model_validate({"pool": {"loose_captions": 0.0, "text_on_objects": 0.0}})) == "3ed8651b1e90c1e0"
     row = {"recipe": "no_filter", "scale": "tiny", "average": 0.3, "partial": False}
     rows = [row | {"run_id": "newer", "comparable": "another pool"}, row | {"run_id": "older", "comparable": same}]
     assert compare.baseline(rows, "tiny", comparable=same)["run_id"] == "older"

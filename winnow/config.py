@@ -67,6 +67,7 @@ class PoolParams(Section):
     concepts: ConceptParams = ConceptParams()
     trusted_signs: float = Field(0.4, ge=0, le=1)   # share of the scorer's trusted pairs that show a sign and name its text
     loose_captions: float = Field(0.0, ge=0, le=1)  # share of clean and bad-size pool pairs whose alt text names only part of the scene
+    text_on_objects: float = Field(0.0, ge=0, le=1)  # share of sign images (pool scene text, trusted signs) whose text is painted over a scene of objects
     max_unreadable_tars: float = Field(0.0, ge=0, lt=1)   # gate: share of shards whose tar may be truncated/corrupt
 
 

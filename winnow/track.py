@@ -290,8 +290,9 @@ def comparable(params) -> str:
     from winnow.jobs import digest
 
     pool = params.pool.model_dump(mode="json", exclude={"min_downloaded", "max_unreadable_tars"})
-    if not pool["loose_captions"]:     # off, the pool is byte-identical to one from before the knob: same tag
-        del pool["loose_captions"]
+    for knob in ("loose_captions", "text_on_objects"):   # off, the pool is byte-identical to one from before the knob: same tag
+        if not pool[knob]:
+            del pool[knob]
     return digest({"pool": pool,
                    "seed": params.seed,      # gates' floors (above) and how evaluation runs (below) change no score
                    "eval": params.eval.model_dump(mode="json", exclude={"workers", "device", "batch_size",

@@ -117,8 +117,9 @@ def make_samples(cfg: PoolParams, seed: int) -> list[Sample]:
         elif kind == "scene_text":
             word = world.sign_text(rng)
             scene.text = word
-            scene.count = 0                        # a sign
-            scene.size = "small"
+            if not _on_objects(cfg, rng):          # a bare sign; else text over the scene's objects
+                scene.count = 0
+                scene.size = "small"
             s.caption = world.caption_parrot(word, rng)
             s.caption_scene = None
         elif kind == "uninformative":
@@ -253,6 +254,13 @@ def _loose(s: Sample) -> bool:
     return bool((s.source or s).extra.get("loose"))
 
 
+def _on_objects(cfg: PoolParams, rng: np.random.Generator) -> bool:
+    """Whether a sign's text is painted over a scene of objects (a poster, a product shot, a meme:
+    most text on the web's images sits on something) rather than on a bare sign. Drawn only when
+    ``text_on_objects`` is set, so a world without it stays byte-identical."""
+    return bool(cfg.text_on_objects) and rng.random() < cfg.text_on_objects
+
+
 def _as_clean(s: Sample) -> Sample:
     return Sample(kind="clean", scene=s.scene, caption=s.caption, caption_scene=s.caption_scene,
                   extra={"loose": True} if _loose(s) else {})
@@ -267,7 +275,9 @@ def write_trusted(cfg: PoolParams, seed: int, out: str) -> int:
     for i in tqdm(range(cfg.trusted_samples), desc="render trusted", unit="img", mininterval=2):
         scene = Scene.random(rng)
         if rng.random() < cfg.trusted_signs:
-            scene.text, scene.count = world.sign_text(rng), 0
+            scene.text = world.sign_text(rng)
+            if not _on_objects(cfg, rng):
+                scene.count = 0
             caption = str(rng.choice(["a sign that says {w}", "the word {w}", "{w} sign", "{w}"])).format(w=scene.text)
         else:
             caption = world.caption_en(scene, rng)
@@ -295,6 +305,8 @@ def heldout_pairs(cfg: PoolParams, seed: int, n: int = 400) -> list[tuple]:
         out.append((img, world.caption_en(other, rng), "mismatched"))
         if i % 4 == 0:
             sign = Scene.random(rng)
-            sign.text, sign.count = world.sign_text(rng), 0
+            sign.text = world.sign_text(rng)
+            if not _on_objects(cfg, rng):
+                sign.count = 0
             out.append((world.render(sign, rng, cfg.image_size, cfg.image_size), sign.text, "scene_text"))
     return out
