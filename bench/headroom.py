@@ -13,7 +13,7 @@ baselines and ``devil_in_details``; the table, compared with ``image_based_x_cli
 ``reports/bench/headroom.md``. Where the oracle itself does not beat the baselines beyond the seed
 spread, no recipe can on this world at this scale.
 
-Needs the workspace's pool and embeddings (``dvc repro embed`` with a recipe that reads the scorer).
+Needs the workspace's pool and scorer embeddings (``dvc repro embed`` with the shipped params).
 """
 from __future__ import annotations
 
