@@ -115,12 +115,9 @@ def make_samples(cfg: PoolParams, seed: int) -> list[Sample]:
         elif kind == "non_english":
             s.caption, s.lang = world.caption_foreign(scene, rng)
         elif kind == "scene_text":
-            word = world.sign_text(rng)
-            scene.text = word
-            if not _on_objects(cfg, rng):          # a bare sign; else text over the scene's objects
-                scene.count = 0
+            if _paint_sign(scene, cfg, rng):       # a bare sign; else text over the scene's objects
                 scene.size = "small"
-            s.caption = world.caption_parrot(word, rng)
+            s.caption = world.caption_parrot(scene.text, rng)
             s.caption_scene = None
         elif kind == "uninformative":
             s.caption = world.caption_uninformative(rng)
@@ -254,11 +251,16 @@ def _loose(s: Sample) -> bool:
     return bool((s.source or s).extra.get("loose"))
 
 
-def _on_objects(cfg: PoolParams, rng: np.random.Generator) -> bool:
-    """Whether a sign's text is painted over a scene of objects (a poster, a product shot, a meme:
-    most text on the web's images sits on something) rather than on a bare sign. Drawn only when
-    ``text_on_objects`` is set, so a world without it stays byte-identical."""
-    return bool(cfg.text_on_objects) and rng.random() < cfg.text_on_objects
+def _paint_sign(scene: Scene, cfg: PoolParams, rng: np.random.Generator) -> bool:
+    """Paint a sign word on ``scene``: over its objects (a poster, a product shot, a meme: most
+    text on the web's images sits on something) for a share ``text_on_objects``, else on a bare
+    sign (no objects). Returns whether the sign is bare. The share is drawn only when set, so a
+    world without it stays byte-identical."""
+    scene.text = world.sign_text(rng)
+    if cfg.text_on_objects and rng.random() < cfg.text_on_objects:
+        return False
+    scene.count = 0
+    return True
 
 
 def _as_clean(s: Sample) -> Sample:
@@ -275,9 +277,7 @@ def write_trusted(cfg: PoolParams, seed: int, out: str) -> int:
     for i in tqdm(range(cfg.trusted_samples), desc="render trusted", unit="img", mininterval=2):
         scene = Scene.random(rng)
         if rng.random() < cfg.trusted_signs:
-            scene.text = world.sign_text(rng)
-            if not _on_objects(cfg, rng):
-                scene.count = 0
+            _paint_sign(scene, cfg, rng)
             caption = str(rng.choice(["a sign that says {w}", "the word {w}", "{w} sign", "{w}"])).format(w=scene.text)
         else:
             caption = world.caption_en(scene, rng)
@@ -305,8 +305,6 @@ def heldout_pairs(cfg: PoolParams, seed: int, n: int = 400) -> list[tuple]:
         out.append((img, world.caption_en(other, rng), "mismatched"))
         if i % 4 == 0:
             sign = Scene.random(rng)
-            sign.text = world.sign_text(rng)
-            if not _on_objects(cfg, rng):
-                sign.count = 0
+            _paint_sign(sign, cfg, rng)
             out.append((world.render(sign, rng, cfg.image_size, cfg.image_size), sign.text, "scene_text"))
     return out
